@@ -244,3 +244,44 @@ PRESETS: dict[str, ModelConfig] = {
         eos_token_id=200002, pad_token_id=199999, max_position_embeddings=4096,
     ),
 }
+
+
+class EngineConfig(BaseModel):
+    """What a user sets for one model instance (CLI flags, Serve YAML args, Helm values).
+
+    The engine turns it into plain values once, at construction."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(
+        None, description="Checkpoint directory or Hugging Face hub id; None = the built-in tiny demo checkpoint."
+    )
+    dtype: Literal["float32", "bfloat16", "auto"] = Field(
+        "auto", description="Activation and KV dtype; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run.")
+    ep_size: int = Field(1, ge=1, le=64, description="Expert-parallel workers (GPUs) per model instance.")
+    block_size: int = Field(16, ge=1, le=1024, description="Tokens per KV cache block.")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="KV blocks per worker for full-attention layers; None = sized from kv_cache_memory_gb."
+    )
+    kv_cache_memory_gb: float = Field(
+        1.0, gt=0, description="KV cache budget per worker when num_kv_blocks is not set."
+    )
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once.")
+    max_num_batched_tokens: int = Field(
+        2048, ge=16, description="Token budget of one step (decodes plus prefill chunks)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt plus output; None = the model's max_position_embeddings."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy for the expert-parallel workers."
+    )
+    worker_num_cpus: float = Field(
+        1.0, ge=0, description="Logical CPUs each worker actor asks Ray for (use a fraction on small CPU machines)."
+    )
+    step_timeout_s: float = Field(
+        60.0, gt=0, description="A worker that does not answer a step in this time is declared dead."
+    )
