@@ -1,0 +1,71 @@
+"""Paged attention with per-head sinks and an optional sliding window, the torch reference.
+
+Legend: T query tokens of the step (all sequences packed), B sequences, Hq / Hkv query
+and kv heads, D head dim, NB blocks, BS tokens per block, MB blocks per sequence.
+
+Sinks (gpt-oss): each head has a learned logit that joins the softmax denominator, so a
+head can put probability mass "nowhere"; it contributes no value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k, v [T, Hkv, D] into the caches [NB, BS, Hkv, D] at flat slots [T] (-1 = skip)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    sinks: torch.Tensor,
+    sm_scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]. The n_b queries of sequence b are the last n_b
+    positions of its context; query position i sees key positions j <= i with
+    i - j < window (when set). Blocks wholly outside the window are never read, so the
+    block table may hold -1 there (recycled sliding-window blocks)."""
+    out = torch.empty_like(q)
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    cu = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    for b, ctx in enumerate(lens):
+        q_start, q_end = cu[b], cu[b + 1]
+        n_q = q_end - q_start
+        if n_q == 0:
+            continue
+        first_q = ctx - n_q  # position of the first query token
+        k_start = 0 if window is None else max(0, first_q - window + 1)
+        block_ids = block_tables[b, k_start // block_size : (ctx - 1) // block_size + 1].long()
+        keys = k_cache[block_ids].flatten(0, 1)  # [n_blocks * BS, Hkv, D]
+        vals = v_cache[block_ids].flatten(0, 1)
+        offset = k_start - (k_start // block_size) * block_size
+        keys = keys[offset : offset + ctx - k_start].to(q.dtype)  # [S, Hkv, D]: positions k_start..ctx-1
+        vals = vals[offset : offset + ctx - k_start].to(q.dtype)
+        keys = keys.repeat_interleave(group, dim=1)  # [S, Hq, D]
+        vals = vals.repeat_interleave(group, dim=1)
+        qb = q[q_start:q_end]  # [n, Hq, D]
+        scores = torch.einsum("nhd,shd->hns", qb, keys) * sm_scale  # [Hq, n, S]
+        q_pos = torch.arange(first_q, ctx, device=q.device)[:, None]
+        k_pos = torch.arange(k_start, ctx, device=q.device)[None, :]
+        visible = k_pos <= q_pos
+        if window is not None:
+            visible &= q_pos - k_pos < window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        sink = sinks.to(scores.dtype)[:, None, None].expand(-1, n_q, 1)  # [Hq, n, 1]
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        out[q_start:q_end] = torch.einsum("hns,shd->nhd", probs, vals)
+    return out

@@ -1,0 +1,83 @@
+"""Mixture-of-experts expert computation, the torch reference.
+
+Legend: N (token, expert) pairs, H hidden, I expert intermediate size, E local experts.
+Each pair is one token sent to one of its top-k experts; the caller sums the k pair
+outputs of a token (locally, or after the expert-parallel combine).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptoss_kernels.mxfp4 import dequantize_mxfp4
+
+
+@dataclass
+class ExpertWeights:
+    """The experts one worker holds. Either the MXFP4 pair (blocks, scales) or the plain
+    weight is set for each projection. gate_up rows are interleaved: gate = even rows,
+    up = odd rows (the layout of the openai checkpoints)."""
+
+    gate_up_bias: torch.Tensor  # [E, 2I]
+    down_bias: torch.Tensor  # [E, H]
+    gate_up_blocks: torch.Tensor | None = None  # [E, 2I, H/32, 16] uint8
+    gate_up_scales: torch.Tensor | None = None  # [E, 2I, H/32] uint8
+    down_blocks: torch.Tensor | None = None  # [E, H, I/32, 16] uint8
+    down_scales: torch.Tensor | None = None  # [E, H, I/32] uint8
+    gate_up_weight: torch.Tensor | None = None  # [E, 2I, H] unquantized checkpoints
+    down_weight: torch.Tensor | None = None  # [E, H, I]
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up_bias.shape[0]
+
+    def gate_up(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's gate_up matrix [2I, H], dequantized."""
+        if self.gate_up_weight is not None:
+            return self.gate_up_weight[e].to(dtype)
+        return dequantize_mxfp4(self.gate_up_blocks[e], self.gate_up_scales[e], dtype)
+
+    def down(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's down matrix [H, I], dequantized."""
+        if self.down_weight is not None:
+            return self.down_weight[e].to(dtype)
+        return dequantize_mxfp4(self.down_blocks[e], self.down_scales[e], dtype)
+
+
+def swiglu(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU over interleaved [.., 2I] -> [.., I]."""
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
+
+
+def moe_experts_ref(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w: ExpertWeights,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    """x [N, H], expert_ids [N] (local 0..E-1), weights [N] -> [N, H]: row n is
+    weights[n] * expert_{ids[n]}(x[n]). Loops over the experts present, dequantizing
+    each one's weights once (the Triton kernel does it in registers instead)."""
+    out = torch.zeros_like(x)
+    if x.shape[0] == 0:
+        return out
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=w.num_experts).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = order[start : start + count]
+        start += count
+        h = x[rows] @ w.gate_up(e, x.dtype).T + w.gate_up_bias[e].to(x.dtype)  # [n, 2I]
+        h = swiglu(h, alpha, limit)  # [n, I]
+        y = h @ w.down(e, x.dtype).T + w.down_bias[e].to(x.dtype)  # [n, H]
+        out[rows] = y * weights[rows, None].to(x.dtype)
+    return out

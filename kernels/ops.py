@@ -1,0 +1,31 @@
+"""The entry points the model calls. Each picks the fused Triton kernel on CUDA tensors and
+the torch reference elsewhere; GPTOSS_KERNELS=reference forces the reference, and
+GPTOSS_KERNELS=triton forces Triton (on CPU that needs TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from gptoss_kernels.attention import paged_attention_ref, store_kv
+from gptoss_kernels.moe import ExpertWeights, moe_experts_ref
+
+__all__ = ["ExpertWeights", "moe_experts", "paged_attention", "store_kv", "use_triton"]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    choice = os.environ.get("GPTOSS_KERNELS", "auto")
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        return True
+    return t.is_cuda
+
+
+def moe_experts(x, expert_ids, weights, w: ExpertWeights, alpha: float = 1.702, limit: float = 7.0):
+    return moe_experts_ref(x, expert_ids, weights, w, alpha, limit)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window=None):
+    return paged_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window)
