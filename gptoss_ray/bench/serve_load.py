@@ -1,0 +1,173 @@
+"""`gptoss-ray bench`: load-test any OpenAI-compatible chat endpoint.
+
+    gptoss-ray bench --base-url http://127.0.0.1:8000/v1 --concurrency 1,4,16 \\
+        --num-requests 64 --input-len 128 --output-len 64 --output out.json --plot out.png
+
+Each load point sends the same workload (streamed chat completions) and reports time to
+first token, inter-token latency, time per output token and end-to-end latency (mean,
+p50, p90, p99), output tokens/s, requests/s and failures by status code. The JSON holds
+`runs` (one entry per load point) and, at the top level, the metrics of the last (the
+heaviest) load point with `errors` summed over all of them. Modelled on vLLM's
+benchmark_serving, with the same metric names where they overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+from pathlib import Path
+
+from gptoss_ray.bench.runner import LoadPoint, Target, fetch_first_model, run_load_point, warm_up
+from gptoss_ray.bench.workload import BenchRequest, sharegpt_requests, synthetic_requests
+from gptoss_ray.errors import GptOssError
+
+_DEFAULT_OUTPUT_LEN = 128
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-url", required=True,
+                        help="the endpoint as for the openai SDK, e.g. http://127.0.0.1:8000/v1 (/v1 added if no path)")
+    parser.add_argument("--model", default=None, help="the request's model field (default: first of GET /models)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="bearer token (default: $OPENAI_API_KEY)")
+    parser.add_argument("--concurrency", default="1",
+                        help="most requests in flight; a comma list (1,4,16) sweeps (default 1)")
+    parser.add_argument("--request-rate", default=None,
+                        help="Poisson arrivals per second (a comma list sweeps); default: closed loop")
+    parser.add_argument("--num-requests", type=int, default=32, help="requests per load point (default 32)")
+    parser.add_argument("--input-len", type=int, default=128, help="synthetic prompt length in words ~ tokens")
+    parser.add_argument("--output-len", type=int, default=None,
+                        help=f"max_tokens per request (default {_DEFAULT_OUTPUT_LEN}; with --dataset: the reply's length)")
+    parser.add_argument("--dataset", default=None, help="ShareGPT-style JSON file instead of synthetic prompts")
+    parser.add_argument("--no-fixed-length", dest="fixed_length", action="store_false",
+                        help="do not send min_tokens / ignore_eos (for servers that reject them)")
+    parser.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed requests sent first, one at a time (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival gaps")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", default=None, help="write a latency vs throughput PNG here (needs matplotlib)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    base_url = _normalize_base_url(args.base_url)
+    concurrencies = _parse_list(args.concurrency, int, "--concurrency")
+    rates = _parse_list(args.request_rate, float, "--request-rate") if args.request_rate else [None]
+    _check_positive(num_requests=args.num_requests, input_len=args.input_len, timeout=args.timeout,
+                    output_len=1 if args.output_len is None else args.output_len)
+    if args.warmup < 0:
+        raise GptOssError(f"--warmup must be >= 0, got {args.warmup}")
+    extra_body = _parse_extra_body(args.extra_body)
+    requests = _workload(args)
+    points = [LoadPoint(c, r, args.seed) for c in concurrencies for r in rates]
+    report = asyncio.run(_run_sweep(args, base_url, extra_body, requests, points))
+    _print_table(report["runs"])
+    if args.output:
+        path = Path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        from gptoss_ray.bench.plot import plot_series
+
+        plot_series({report["model"]: report["runs"]}, args.plot, title=f"{report['model']} at {base_url}")
+    return 0
+
+
+async def _run_sweep(args, base_url: str, extra_body: dict, requests: list[BenchRequest], points) -> dict:
+    model = args.model or await _discover_model(base_url, args.api_key, args.timeout)
+    target = Target(f"{base_url}/chat/completions", model, args.api_key, args.fixed_length, extra_body, args.timeout)
+    if args.warmup:
+        # Prompts of their own (another seed): a prefix cache must not get a head start on the workload.
+        warm = synthetic_requests(args.warmup, args.input_len, requests[0].output_len, args.seed + 1)
+        failed = [r.error for r in await warm_up(target, warm) if not r.ok]
+        if len(failed) == args.warmup:
+            hint = "; try --no-fixed-length" if failed[0] == "400" and args.fixed_length else "; is the server up?"
+            raise GptOssError(f"every warm-up request to {target.chat_url} failed ({failed[0]}){hint}")
+    runs = [await run_load_point(target, p, requests, args.progress) for p in points]
+    config = {
+        "base_url": base_url, "model": model, "num_requests": args.num_requests, "input_len": args.input_len,
+        "output_len": args.output_len, "dataset": args.dataset, "fixed_length": args.fixed_length,
+        "warmup": args.warmup, "seed": args.seed,
+    }
+    return {**config, **runs[-1], "errors": sum(r["errors"] for r in runs), "runs": runs}
+
+
+async def _discover_model(base_url: str, api_key: str | None, timeout_s: float) -> str:
+    import httpx
+
+    try:
+        model = await fetch_first_model(base_url, api_key, timeout_s)
+    except httpx.HTTPError as e:
+        raise GptOssError(f"cannot reach {base_url}/models ({type(e).__name__}); is the server up?") from None
+    if model is None:
+        raise GptOssError(f"{base_url}/models lists no model; pass --model")
+    return model
+
+
+def _workload(args) -> list[BenchRequest]:
+    if args.dataset:
+        return sharegpt_requests(args.dataset, args.num_requests, args.output_len, args.seed)
+    output_len = args.output_len if args.output_len is not None else _DEFAULT_OUTPUT_LEN
+    return synthetic_requests(args.num_requests, args.input_len, output_len, args.seed)
+
+
+def _normalize_base_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise GptOssError(f"--base-url must look like http://HOST:PORT/v1, got {url!r}")
+    url = url.rstrip("/")
+    return url if parts.path.strip("/") else f"{url}/v1"
+
+
+def _parse_list(text: str, kind: type, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GptOssError(f"{flag} must be a comma list of {kind.__name__}s, got {text!r}") from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise GptOssError(f"{flag} values must be positive, got {text!r}")
+    return values
+
+
+def _check_positive(**values) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise GptOssError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+def _parse_extra_body(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GptOssError(f"--extra-body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise GptOssError("--extra-body must be a JSON object")
+    return body
+
+
+def _print_table(runs: list[dict]) -> None:
+    cols = ("concurrency", "request_rate", "completed", "errors", "output_throughput_tok_s",
+            "request_throughput_req_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms",
+            "e2e_latency_p50_ms", "e2e_latency_p99_ms")
+    heads = ("conc", "rate", "ok", "err", "out tok/s", "req/s", "ttft p50", "ttft p99",
+             "itl p50", "itl p99", "e2e p50", "e2e p99")
+    print("  ".join(f"{h:>9}" for h in heads))
+    for r in runs:
+        print("  ".join(f"{_fmt(r.get(c)):>9}" for c in cols))
+    for r in runs:
+        if r["errors"]:
+            print(f"concurrency={r['concurrency']}: errors {r['errors_by_status']}")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
