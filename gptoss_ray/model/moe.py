@@ -1,0 +1,91 @@
+"""The mixture-of-experts block: router, top-k, and the experts this instance holds.
+
+Legend: T tokens, H hidden, E experts (all), K experts per token, N (token, expert) pairs.
+
+Expert parallelism plugs in through `MoE.dispatcher` (gpt-fast's "parallelism applied
+after the model is built"): the default computes every pair locally; the expert-parallel
+one in gptoss_ray.parallel sends each pair to the rank owning its expert.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from gptoss_kernels.ops import ExpertWeights, moe_experts
+from gptoss_ray.config import ModelConfig
+
+
+class LocalExperts(nn.Module):
+    """Experts [start, end) of one layer, MXFP4-packed (or plain for dequantized checkpoints).
+
+    The tensors are buffers filled by the loader; packed weights stay uint8 in memory
+    and are dequantized inside the expert matmul."""
+
+    def __init__(self, config: ModelConfig, start: int, end: int, mxfp4: bool, dtype: torch.dtype, device):
+        super().__init__()
+        self.start, self.end = start, end
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+        e, h, i = end - start, config.hidden_size, config.intermediate_size
+        f = dict(dtype=dtype, device=device)
+        u8 = dict(dtype=torch.uint8, device=device)
+        self.register_buffer("gate_up_bias", torch.empty(e, 2 * i, **f))
+        self.register_buffer("down_bias", torch.empty(e, h, **f))
+        if mxfp4:
+            self.register_buffer("gate_up_blocks", torch.empty(e, 2 * i, h // 32, 16, **u8))
+            self.register_buffer("gate_up_scales", torch.empty(e, 2 * i, h // 32, **u8))
+            self.register_buffer("down_blocks", torch.empty(e, h, i // 32, 16, **u8))
+            self.register_buffer("down_scales", torch.empty(e, h, i // 32, **u8))
+        else:
+            self.register_buffer("gate_up_weight", torch.empty(e, 2 * i, h, **f))
+            self.register_buffer("down_weight", torch.empty(e, h, i, **f))
+
+    def weights(self) -> ExpertWeights:
+        get = lambda name: getattr(self, name, None)  # noqa: E731
+        return ExpertWeights(
+            gate_up_bias=self.gate_up_bias, down_bias=self.down_bias,
+            gate_up_blocks=get("gate_up_blocks"), gate_up_scales=get("gate_up_scales"),
+            down_blocks=get("down_blocks"), down_scales=get("down_scales"),
+            gate_up_weight=get("gate_up_weight"), down_weight=get("down_weight"),
+        )
+
+    def forward_pairs(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], expert_ids [N] global ids in [start, end), weights [N] -> weighted outputs [N, H]."""
+        return moe_experts(x, expert_ids - self.start, weights, self.weights(), self.alpha, self.limit)
+
+
+class Dispatcher(Protocol):
+    def __call__(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts
+    ) -> torch.Tensor: ...
+
+
+def local_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
+    """All experts are here: compute the T*K pairs and sum each token's K outputs."""
+    t, k = topk_ids.shape
+    rows = torch.arange(t, device=x.device).repeat_interleave(k)  # [N]: the token of each pair
+    out = experts.forward_pairs(x[rows], topk_ids.reshape(-1), topk_weights.reshape(-1))  # [N, H]
+    return out.view(t, k, -1).sum(dim=1)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, experts: range, mxfp4: bool, dtype: torch.dtype, device):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True, dtype=dtype, device=device)
+        self.experts = LocalExperts(config, experts.start, experts.stop, mxfp4, dtype, device)
+        self.dispatcher: Dispatcher = local_dispatch
+        self.record_expert_load = False
+        self.register_buffer(
+            "expert_counts", torch.zeros(config.num_local_experts, dtype=torch.int64, device=device), persistent=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router(x)  # [T, E]
+        top_logits, topk_ids = torch.topk(logits, self.top_k, dim=-1)  # [T, K]
+        topk_weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)  # softmax over the chosen K only
+        if self.record_expert_load:
+            self.expert_counts += torch.bincount(topk_ids.reshape(-1), minlength=self.expert_counts.numel())
+        return self.dispatcher(x, topk_ids, topk_weights, self.experts)

@@ -1,0 +1,89 @@
+"""The gpt-oss transformer (single device; parallelism is applied after it is built).
+
+TransformerBlock = AttentionBlock + MLPBlock, each owning its RMSNorm and residual, as in
+openai/gpt-oss's reference. Legend: T tokens of the step (packed), H hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gptoss_ray.config import ModelConfig
+from gptoss_ray.model.attention import Attention, AttentionMetadata
+from gptoss_ray.model.moe import MoE
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * xf).to(x.dtype)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, experts: range, mxfp4: bool, dtype, device):
+        super().__init__()
+        eps, h = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = RMSNorm(h, eps, dtype, device)
+        self.self_attn = Attention(config, config.layer_types[layer], dtype, device)
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype, device)
+        self.mlp = MoE(config, experts, mxfp4, dtype, device)
+
+    def forward(self, x, positions, attn: AttentionMetadata, kv_cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, attn, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GptOssModel(nn.Module):
+    """Parameter names follow the Hugging Face layout (`model.layers.0.self_attn.q_proj`...)
+    so that loading is one pass over the checkpoint's name table."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        experts: range | None = None,
+        mxfp4: bool | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.expert_range = experts if experts is not None else range(config.num_local_experts)
+        mxfp4 = config.is_mxfp4 if mxfp4 is None else mxfp4
+        h = config.hidden_size
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, h, dtype=dtype, device=device)
+        self.model.layers = nn.ModuleList(
+            TransformerBlock(config, i, self.expert_range, mxfp4, dtype, device) for i in range(config.num_hidden_layers)
+        )
+        self.model.norm = RMSNorm(h, config.rms_norm_eps, dtype, device)
+        self.lm_head = nn.Linear(h, config.vocab_size, bias=False, dtype=dtype, device=device)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> final hidden states [T, H] (normed)."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            x = layer(x, positions, attn, kv_cache)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, V] float32 logits."""
+        return self.lm_head(hidden).float()
