@@ -1,0 +1,154 @@
+"""Triton paged attention with per-head sinks, sliding window and GQA, for prefill and decode.
+
+Legend: T query tokens (all sequences packed), B sequences, Hq / Hkv query / kv heads,
+G = Hq / Hkv query heads per kv head, D head dim, BS tokens per cache block, MB blocks per
+sequence, BQ query tokens per tile, BM = BQ * G rows per tile, BN keys per step.
+
+Same contract as `attention.paged_attention_ref`. One program handles BQ consecutive query
+tokens of one sequence and all G query heads of one kv head, so each K/V tile is read once
+for the whole GQA group (decode: one token x G heads fills the rows that a token-only tile
+would leave empty). Keys are gathered through the block table one key at a time, so any
+block size works; keys outside [lo, hi) -- before the tile's oldest window or after its
+newest query -- are never loaded, which is what makes -1 entries of recycled
+sliding-window blocks safe.
+
+Softmax: online (flash) softmax in base 2 whose running max and denominator start at the
+head's sink logit (m = sink, l = exp(sink - m) = 1): the sink joins the denominator and adds
+no value, exactly as the reference's extra softmax column.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .routing import interpreting, tile_schedule
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, sinks_ptr,
+    tile_seq_ptr, tile_start_ptr, tile_end_ptr,
+    qk_scale, window, D,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    BS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BQ: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    row_start = tl.load(tile_start_ptr + tile)  # first query token (packed index) of the tile
+    seq_end = tl.load(tile_end_ptr + tile)  # one past the sequence's last query token
+    if row_start >= seq_end:  # padding tile of the sync-free schedule
+        return
+    seq = tl.load(tile_seq_ptr + tile).to(tl.int64)
+    ctx = tl.load(context_lens_ptr + seq)
+    tile_end = tl.minimum(row_start + BQ, seq_end)
+
+    r = tl.arange(0, BQ * G_PAD)  # [BM] row = (token, head in group)
+    token = row_start + r // G_PAD
+    head = kv_head * G + r % G_PAD
+    row_valid = (token < tile_end) & (r % G_PAD < G)
+    pos = ctx - seq_end + token  # [BM] query positions: the last n_b positions of the context
+    d = tl.arange(0, BD)
+    d_mask = d < D
+    q = tl.load(
+        q_ptr + token.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_valid[:, None] & d_mask[None, :], other=0.0,
+    )
+
+    hi = ctx - seq_end + tile_end  # one past the newest query's position
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(ctx - seq_end + row_start - window + 1, 0)  # oldest key the oldest query sees
+
+    m = tl.load(sinks_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634  # [BM] log2
+    denom = tl.full((BQ * G_PAD,), 1.0, dtype=tl.float32)
+    acc = tl.zeros((BQ * G_PAD, BD), dtype=tl.float32)
+    block_row = block_tables_ptr + seq * stride_bt
+    for start in range(lo - lo % BN, hi, BN):
+        j = start + tl.arange(0, BN)  # [BN] key positions
+        key_valid = (j >= lo) & (j < hi)
+        block = tl.load(block_row + j // BS, mask=key_valid, other=-1)
+        key_valid &= block >= 0
+        block = block.to(tl.int64)
+        k_off = block * stride_kb + (j % BS) * stride_ks + kv_head * stride_kh  # [BN]
+        k = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=key_valid[None, :] & d_mask[:, None], other=0.0)
+        scores = tl.zeros((BQ * G_PAD, BN), dtype=tl.float32)
+        scores = _dot(q, k, scores, PREC, DOT_F32) * qk_scale  # [BM, BN] log2 domain
+        visible = key_valid[None, :] & (j[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            visible &= pos[:, None] - j[None, :] < window
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        rescale = tl.exp2(m - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        denom = denom * rescale + tl.sum(p, axis=1)
+        v_off = block * stride_vb + (j % BS) * stride_vs + kv_head * stride_vh
+        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=key_valid[:, None] & d_mask[None, :], other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * rescale[:, None], PREC, DOT_F32)
+        m = m_new
+
+    out = acc / denom[:, None]
+    tl.store(
+        out_ptr + token.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :],
+    )
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + a @ b; DOT_F32 works around the interpreter's wrong bf16 dot (see moe_triton)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+def _tile_shape(num_tokens: int, num_seqs: int, group_pad: int) -> tuple[int, int]:
+    """(BQ, BN). Rows per tile BM = BQ * G_PAD: 16 when every sequence decodes one token
+    (anything more is padding), 64 for prefill. tl.dot needs every dimension >= 16."""
+    rows = 16 if num_tokens <= num_seqs else 64
+    return max(1, rows // group_pad), 64
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    sinks: torch.Tensor,
+    sm_scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D], caches [NB, BS, Hkv, D], block_tables [B, MB], cu_seqlens_q [B+1],
+    context_lens [B], sinks [Hq] -> [T, Hq, D] (q.dtype); see paged_attention_ref."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return out
+    group_pad = triton.next_power_of_2(group)
+    block_q, block_n = _tile_shape(num_tokens, context_lens.shape[0], group_pad)
+    tiles = tile_schedule(cu_seqlens_q, num_tokens, block_q)
+    # Keys/values and q need a contiguous head dim: the kernel adds d without a stride.
+    q = q.contiguous() if q.stride(-1) != 1 else q
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "kv cache head dim must be contiguous"
+    block_tables = block_tables.contiguous()
+    _paged_attention_kernel[(tiles.num_tiles, num_kv_heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens.contiguous(), sinks.contiguous(),
+        tiles.group, tiles.row_start, tiles.row_end,
+        float(sm_scale) * _LOG2E, int(window or 0), head_dim,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        BS=block_size, G=group, G_PAD=group_pad, BQ=block_q, BN=block_n,
+        BD=max(16, triton.next_power_of_2(head_dim)), HAS_WINDOW=window is not None,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT_F32=interpreting(),
+    )
+    return out
