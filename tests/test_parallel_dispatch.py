@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gptoss_ray.checkpoint import write_checkpoint
 from gptoss_ray.config import PRESETS
 from gptoss_ray.model.attention import allocate_kv_cache, contiguous_metadata
 from gptoss_ray.model.loader import load_model
@@ -94,8 +93,8 @@ def _rank_main(rank: int, port: int, ckpt: str) -> None:
         dist.destroy_process_group()
 
 
-def test_dispatch_matches_single_process_moe(tmp_path):
-    ckpt = write_checkpoint(CONFIG, tmp_path / "tiny-moe", seed=3)
+def test_dispatch_matches_single_process_moe(tiny_moe_ckpt):
+    ckpt = tiny_moe_ckpt
     # Rank 0's store would do, but the parent holding it keeps the children symmetric.
     store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
     mp.spawn(_rank_main, args=(store.port, str(ckpt)), nprocs=WORLD, join=True)
