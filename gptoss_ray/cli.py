@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "serve": ("gptoss_ray.serve.cli", "start a local Ray cluster and the OpenAI-compatible server"),
     "generate": ("gptoss_ray.generate", "render a harmony chat, generate offline and print the reply"),
     "make-checkpoint": ("gptoss_ray.checkpoint.write", "write a random-weight checkpoint in the HF layout"),
+    "inspect": ("gptoss_ray.checkpoint.inspect", "validate a checkpoint and show what serving it takes"),
     "bench": ("gptoss_ray.bench.serve_load", "load-test any OpenAI-compatible endpoint"),
 }
 

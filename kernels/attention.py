@@ -53,11 +53,12 @@ def paged_attention_ref(
         keys = k_cache[block_ids].flatten(0, 1)  # [n_blocks * BS, Hkv, D]
         vals = v_cache[block_ids].flatten(0, 1)
         offset = k_start - (k_start // block_size) * block_size
-        keys = keys[offset : offset + ctx - k_start].to(q.dtype)  # [S, Hkv, D]: positions k_start..ctx-1
-        vals = vals[offset : offset + ctx - k_start].to(q.dtype)
+        # scores and softmax in float32 whatever the cache dtype, as the kernels do
+        keys = keys[offset : offset + ctx - k_start].float()  # [S, Hkv, D]: positions k_start..ctx-1
+        vals = vals[offset : offset + ctx - k_start].float()
         keys = keys.repeat_interleave(group, dim=1)  # [S, Hq, D]
         vals = vals.repeat_interleave(group, dim=1)
-        qb = q[q_start:q_end]  # [n, Hq, D]
+        qb = q[q_start:q_end].float()  # [n, Hq, D]
         scores = torch.einsum("nhd,shd->hns", qb, keys) * sm_scale  # [Hq, n, S]
         q_pos = torch.arange(first_q, ctx, device=q.device)[:, None]
         k_pos = torch.arange(k_start, ctx, device=q.device)[None, :]
@@ -65,7 +66,7 @@ def paged_attention_ref(
         if window is not None:
             visible &= q_pos - k_pos < window
         scores = scores.masked_fill(~visible, float("-inf"))
-        sink = sinks.to(scores.dtype)[:, None, None].expand(-1, n_q, 1)  # [Hq, n, 1]
+        sink = sinks.float()[:, None, None].expand(-1, n_q, 1)  # [Hq, n, 1]
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-        out[q_start:q_end] = torch.einsum("hns,shd->nhd", probs, vals)
+        out[q_start:q_end] = torch.einsum("hns,shd->nhd", probs, vals).to(q.dtype)
     return out

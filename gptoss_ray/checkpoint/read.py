@@ -15,6 +15,7 @@ from gptoss_ray.config import ModelConfig
 from gptoss_ray.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "F64": 8}
 
 
 class CheckpointReader:
@@ -25,10 +26,10 @@ class CheckpointReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.config = ModelConfig.from_json_file(self.path / "config.json")
+        self._handles: dict[str, object] = {}
         self._file_of = self._read_weight_map()
         self.is_mxfp4 = any(n.endswith("_blocks") for n in self._file_of)
         self.specs: dict[str, TensorSpec] = {s.name: s for s in tensor_specs(self.config, mxfp4=self.is_mxfp4)}
-        self._handles: dict[str, object] = {}
         self._check_shapes()
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -87,6 +88,14 @@ class CheckpointReader:
             return sl[rows] if rows is not None else sl[:]
         except SafetensorError as e:
             raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({e}); the file may be truncated") from None
+
+    def nbytes(self, name: str) -> int:
+        """Size of a tensor on disk, from the header alone."""
+        sl = self._slice(name)
+        count = 1
+        for d in sl.get_shape():
+            count *= d
+        return count * _DTYPE_BYTES[sl.get_dtype()]
 
     def file_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in set(self._file_of.values()))

@@ -44,6 +44,8 @@ def _random_tensor(spec: TensorSpec, gen: torch.Generator) -> torch.Tensor:
     fan_in = shape[-1]
     if name.endswith("router.weight"):
         return 2.0 * x / math.sqrt(fan_in)
+    if name.endswith("gate_up_proj"):
+        return 4.0 * x / math.sqrt(fan_in)  # large enough that the SwiGLU clamp at 7 bites
     return x / math.sqrt(fan_in)
 
 
