@@ -24,8 +24,20 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def moe_experts(x, expert_ids, weights, w: ExpertWeights, alpha: float = 1.702, limit: float = 7.0):
+    if use_triton(x):
+        # Imported on first use: triton is optional on CPU, and it must see TRITON_INTERPRET
+        # when its kernels are defined.
+        from gptoss_kernels.moe_triton import moe_experts_triton
+
+        return moe_experts_triton(x, expert_ids, weights, w, alpha, limit)
     return moe_experts_ref(x, expert_ids, weights, w, alpha, limit)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window=None):
+    if use_triton(q):
+        from gptoss_kernels.attention_triton import paged_attention_triton
+
+        return paged_attention_triton(
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window
+        )
     return paged_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window)
