@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a latency vs throughput PNG here (needs matplotlib)")
+    parser.add_argument("--label", default=None, help="the series name in the plot (default: the model)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from gptoss_ray.bench.plot import plot_series
 
-        plot_series({report["model"]: report["runs"]}, args.plot, title=f"{report['model']} at {base_url}")
+        plot_series({args.label or report["model"]: report["runs"]}, args.plot, title=f"{report['model']} at {base_url}")
     return 0
 
 
