@@ -1,0 +1,170 @@
+"""N Ray actors forming one expert-parallel model instance, and the executor driving them.
+
+Layout: a placement group of N bundles (PACK by default: NVLink-near GPUs; SPREAD on
+request) holds one actor per rank. Each actor builds its engine Worker with only its
+experts (`placement.range(rank)`), joins a torch.distributed group (gloo on CPU, NCCL on
+CUDA) and points every MoE layer at the all-to-all dispatcher.
+
+Per step the driver sends the same StepPlan to every rank and gathers one StepResult
+per rank. A plain `actor.method.remote()` per rank per step costs ~0.4 ms of task
+submission and object-store traffic per call; Ray compiled graphs (`ray.dag` +
+`experimental_compile`) instead set up shared-memory channels once and reuse them
+every step, which is what keeps the per-step control overhead under a millisecond at
+N = 4 (benchmarks/control_overhead.py measures both).
+
+Failure model: any error or timeout of a step (a worker killed, hung, or raising)
+leaves the other ranks stuck inside a collective, so the whole group is killed and the
+step raises `WorkerGroupError` within `step_timeout_s`. Every sequence held by the
+workers is lost with it; the engine fails those requests and the next `execute()`
+starts a fresh group.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from gptoss_ray.parallel.placement import ExpertPlacement
+from gptoss_ray.parallel.rank import RankActor, RankStepOutput
+
+logger = logging.getLogger(__name__)
+
+# Generous: actors import torch and load their experts before they answer setup.
+_START_TIMEOUT_S = 300.0
+
+
+class WorkerGroupError(RuntimeError):
+    """A worker died, hung past the step timeout, or failed a step. Every sequence on
+    the workers is lost; the group has been torn down and is rebuilt on next use."""
+
+
+@dataclass(frozen=True)
+class WorkerGroupConfig:
+    """How to lay out one expert-parallel instance on the Ray cluster."""
+
+    ep_size: int  # N: ranks (actors), one GPU each on CUDA
+    num_experts: int  # E: experts per MoE layer, split over the ranks
+    device: str = "cpu"  # "cpu" or "cuda"
+    placement_strategy: str = "PACK"  # Ray placement group strategy for the N bundles
+    worker_num_cpus: float = 1.0  # logical CPUs per actor (a fraction on small machines)
+    step_timeout_s: float = 60.0  # a step not answered by then declares the group dead
+    use_compiled_graph: bool = True  # False: one plain remote call per rank per step
+
+
+@dataclass
+class StepStats:
+    """Cost of the last step, summed over ranks (all-to-all time: the slowest rank)."""
+
+    all_to_all_s: float = 0.0  # max over ranks of the time spent in MoE collectives
+    wire_bytes: int = 0  # bytes all ranks sent to other ranks
+    min_wire_bytes: int = 0  # lower bound: off-rank (token, expert) pairs x H x 2 x elem bytes
+    worker_s: float = 0.0  # max over ranks of the time inside Worker.execute
+    step_s: float = 0.0  # driver wall time of the step, control overhead included
+
+
+class WorkerGroup:
+    """The N rank actors, their process group and (optionally) a compiled step graph.
+
+    `worker_factory(rank, experts: range)` runs inside each actor and returns the engine
+    Worker (anything with `execute(plan) -> StepResult`, and `.model` for the dispatcher)."""
+
+    def __init__(self, config: WorkerGroupConfig, worker_factory: Callable):
+        self.config = config
+        self.placement = ExpertPlacement(config.num_experts, config.ep_size)
+        self.worker_factory = worker_factory
+        self.actors: list = []
+        self.pids: list[int] = []
+        self._pg = None
+        self._dag = None
+        self.last_stats = StepStats()
+        self.num_rebuilds = 0
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self.actors)
+
+    def start(self) -> None:
+        cfg = self.config
+        gpus = 1 if cfg.device == "cuda" else 0
+        # An empty bundle is not allowed; a sliver of CPU keeps "0 CPUs" schedulable.
+        bundle = {"CPU": max(cfg.worker_num_cpus, 0.001)} | ({"GPU": gpus} if gpus else {})
+        self._pg = placement_group([bundle] * cfg.ep_size, strategy=cfg.placement_strategy)
+        ray.get(self._pg.ready(), timeout=_START_TIMEOUT_S)
+        actor_cls = ray.remote(RankActor)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=bundle["CPU"], num_gpus=gpus, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
+            ).remote(r, cfg.ep_size, cfg.device, self.placement.range(r), self.worker_factory)
+            for r in range(cfg.ep_size)
+        ]
+        info = ray.get(self.actors[0].start_rendezvous.remote(), timeout=_START_TIMEOUT_S)
+        self.pids = ray.get([a.setup.remote(info) for a in self.actors], timeout=_START_TIMEOUT_S)
+        if cfg.use_compiled_graph:
+            from ray.dag import InputNode, MultiOutputNode
+
+            with InputNode() as plan:
+                outputs = MultiOutputNode([a.step.bind(plan) for a in self.actors])
+            self._dag = outputs.experimental_compile(_submit_timeout=cfg.step_timeout_s)
+        logger.info("expert-parallel group up: %d ranks, experts %s, compiled graph %s",
+                    cfg.ep_size, self.placement.counts(), cfg.use_compiled_graph)
+
+    def step(self, plan) -> list[RankStepOutput]:
+        """Run one step on every rank; raise WorkerGroupError (after tearing down) on failure."""
+        if not self.is_running:
+            self.num_rebuilds += 1
+            self.start()
+        t0 = time.perf_counter()
+        try:
+            if self._dag is not None:
+                outputs = ray.get(self._dag.execute(plan), timeout=self.config.step_timeout_s)
+            else:
+                refs = [a.step.remote(plan) for a in self.actors]
+                outputs = ray.get(refs, timeout=self.config.step_timeout_s)
+        except Exception as e:  # noqa: BLE001 - any failure leaves ranks stuck in a collective
+            self.shutdown(failed=True)
+            raise WorkerGroupError(
+                f"expert-parallel step {getattr(plan, 'step_id', '?')} failed on the worker group "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "the group was torn down and will be rebuilt"
+            ) from e
+        self.last_stats = StepStats(
+            all_to_all_s=max(o.all_to_all_s for o in outputs),
+            wire_bytes=sum(o.wire_bytes for o in outputs),
+            min_wire_bytes=sum(o.min_wire_bytes for o in outputs),
+            worker_s=max(o.worker_s for o in outputs),
+            step_s=time.perf_counter() - t0,
+        )
+        return outputs
+
+    def call_all(self, method: str, *args, timeout: float | None = None) -> list:
+        """A plain remote call on every rank (setup-time or metrics queries, not per step)."""
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        return ray.get(refs, timeout=timeout or self.config.step_timeout_s)
+
+    def shutdown(self, failed: bool = False) -> None:
+        """Tear the group down. After a failure the actors are killed first: a rank stuck in
+        a collective never leaves the compiled graph's loop, so the graph's own teardown
+        must not wait on it."""
+        actors, self.actors, self.pids = self.actors, [], []
+        if failed:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+        if self._dag is not None:
+            try:
+                self._dag.teardown()
+            except Exception:  # noqa: BLE001 - its actors may already be gone
+                logger.debug("compiled graph teardown", exc_info=True)
+            self._dag = None
+        if not failed:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
