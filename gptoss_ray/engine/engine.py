@@ -1,0 +1,212 @@
+"""The engine: requests in, token deltas out, one `step()` at a time.
+
+    step():  Scheduler.schedule -> Executor.execute (workers: forward + sample) -> postprocess
+
+The scheduler decides which sequences compute how many tokens on which rank and keeps
+the block tables; the workers own the model, the KV tensors and the sampler and return
+sampled token ids (never logits); postprocess appends tokens, checks stop conditions,
+frees finished sequences' blocks and emits TokenDeltas. Single-threaded: AsyncLLMEngine
+runs `step()` in a background thread, LLM calls it in a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from gptoss_ray.config import HARMONY_STOP_TOKEN_IDS, EngineConfig, ModelConfig
+from gptoss_ray.engine.executor import Executor, create_executor
+from gptoss_ray.engine.kv_cache import KVCacheManager, plan_num_blocks, sliding_blocks_needed
+from gptoss_ray.engine.output import StopChecker, harmony_decoder
+from gptoss_ray.engine.plan import SLIDING, StepResult
+from gptoss_ray.engine.scheduler import Scheduler
+from gptoss_ray.engine.sequence import Request, Sequence
+from gptoss_ray.engine.worker import WorkerConfig
+from gptoss_ray.errors import GptOssError, SamplingParamsError
+from gptoss_ray.sampling_params import SamplingParams, TokenDelta
+
+logger = logging.getLogger(__name__)
+
+EXPERT_LOAD_EVERY = 16  # steps between expert-load reports from the workers
+
+
+def build_worker_config(config: EngineConfig) -> tuple[WorkerConfig, ModelConfig]:
+    """Resolve the user's config once: checkpoint path, device, dtype, KV pool sizes."""
+    from gptoss_ray.checkpoint import default_demo_checkpoint, locate
+
+    path = locate(config.model) if config.model else default_demo_checkpoint()
+    model = ModelConfig.from_json_file(Path(path) / "config.json")
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    bs = config.block_size
+    max_model_len = config.max_model_len or model.max_position_embeddings
+    n_sliding_layers = sum(t == SLIDING for t in model.layer_types)
+    per_layer = 2 * bs * model.num_key_value_heads * model.head_dim * torch.finfo(getattr(torch, dtype)).bits // 8
+    full_bytes = (model.num_hidden_layers - n_sliding_layers) * per_layer
+    sliding_bytes = n_sliding_layers * per_layer
+    needed = sliding_blocks_needed(model.sliding_window, bs, config.max_num_seqs, config.max_num_batched_tokens)
+    if config.num_kv_blocks is not None:
+        num_blocks, num_sliding = config.num_kv_blocks, min(config.num_kv_blocks, needed) if sliding_bytes else 0
+    else:
+        num_blocks, num_sliding = plan_num_blocks(int(config.kv_cache_memory_gb * 2**30), max(full_bytes, 1),
+                                                  sliding_bytes, needed)
+    if max_model_len > num_blocks * bs:
+        logger.warning("max_model_len %d exceeds the KV pool (%d tokens); capping it", max_model_len, num_blocks * bs)
+        max_model_len = num_blocks * bs
+    worker = WorkerConfig(
+        model_path=str(path), dtype=dtype, device=device, block_size=bs, num_blocks=num_blocks,
+        num_sliding_blocks=num_sliding, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
+        ep_size=config.ep_size, eos_token_ids=tuple(eos_token_ids(model)),
+    )
+    return worker, model
+
+
+def eos_token_ids(model: ModelConfig) -> set[int]:
+    # <|return|> and <|call|> end an assistant turn; sampling past them is meaningless.
+    extra = HARMONY_STOP_TOKEN_IDS if model.vocab_size > max(HARMONY_STOP_TOKEN_IDS) else ()
+    return set(model.eos_token_ids) | set(extra)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        self.config = config
+        self.worker_config, self.model_config = build_worker_config(config)
+        wc = self.worker_config
+        self.max_model_len = wc.max_model_len
+        self.executor = executor if executor is not None else create_executor(wc, config)
+        window = self.model_config.sliding_window if wc.num_sliding_blocks else None
+        self.kv = [KVCacheManager(wc.num_blocks, wc.num_sliding_blocks, wc.block_size, window)
+                   for _ in range(config.ep_size)]
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_prefix_caching)
+        self.stops = StopChecker(eos_token_ids(self.model_config), self.max_model_len, harmony_decoder())
+        self.requests: dict[str, Request] = {}
+        self.seqs: dict[int, Sequence] = {}
+        self.expert_load: list[list[int]] | None = None
+        self.num_steps = 0
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._validate(request_id, prompt_token_ids, params)
+        req = Request(request_id, list(prompt_token_ids), params, children_spawned=params.n == 1)
+        self.requests[request_id] = req
+        self._add_seq(req, 0)
+
+    def _add_seq(self, req: Request, index: int, rank_hint: int = -1) -> None:
+        seq = Sequence(request_id=req.request_id, token_ids=list(req.prompt_token_ids),
+                       num_prompt_tokens=len(req.prompt_token_ids), params=req.params, index=index,
+                       rank_hint=rank_hint, logprobs=[] if req.params.logprobs is not None else None)
+        req.seqs.append(seq)
+        self.seqs[seq.seq_id] = seq
+        self.scheduler.add(seq, front=index > 0)  # later samples of an old request go first
+
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise GptOssError(f"request id {request_id!r} is already running")
+        if not isinstance(params, SamplingParams):
+            raise SamplingParamsError(f"expected SamplingParams, got {type(params).__name__}", param="sampling_params")
+        vocab = self.model_config.vocab_size
+        if not prompt:
+            raise SamplingParamsError("the prompt is empty", param="prompt")
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise SamplingParamsError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if len(prompt) >= self.max_model_len:
+            raise SamplingParamsError(
+                f"the prompt has {len(prompt)} tokens; the context length is {self.max_model_len}", param="prompt")
+        if params.max_tokens is not None and len(prompt) + params.max_tokens > self.max_model_len:
+            raise SamplingParamsError(
+                f"the context length is {self.max_model_len} tokens, but {len(prompt)} prompt tokens plus "
+                f"max_tokens={params.max_tokens} exceed it", param="max_tokens")
+        if params.stop and self.stops.decode is None:
+            raise SamplingParamsError("stop strings need the harmony tokenizer, which is unavailable", param="stop")
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now: its sequences leave the queues and their blocks are freed."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+            self.seqs.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step ----------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenDelta]:
+        plan, scheduled = self.scheduler.schedule()
+        if not scheduled and not any(r.finished_ids for r in plan.ranks):
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("scheduler stalled: the next waiting request does not fit the KV pool")
+            return []
+        self.num_steps += 1
+        plan.report_expert_load = self.num_steps % EXPERT_LOAD_EVERY == 1
+        results = self.executor.execute(plan)
+        return self._postprocess(scheduled, results)
+
+    def _postprocess(self, scheduled: list[tuple[Sequence, int]], results: list[StepResult]) -> list[TokenDelta]:
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            self.kv[seq.rank].register_computed(seq)
+        loads = [r.expert_load for r in results if r.expert_load is not None]
+        if loads:  # each rank counts its own tokens' routing over all experts: the sum is the model's
+            self.expert_load = [[sum(col) for col in zip(*layers)] for layers in zip(*loads)]
+        deltas = []
+        for result in results:
+            for seq_id, token, lp in zip(result.seq_ids, result.token_ids, result.logprobs):
+                seq = self.seqs.get(seq_id)
+                if seq is not None and not seq.is_finished:
+                    deltas.append(self._append_token(seq, token, lp))
+        return [d for d in deltas if d.token_ids or d.finished]
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> TokenDelta:
+        seq.token_ids.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(logprobs)
+        req = self.requests[seq.request_id]
+        if not req.children_spawned:  # sample 0's prompt is in the cache now: start the others
+            req.children_spawned = True
+            for index in range(req.params.n - 1, 0, -1):
+                self._add_seq(req, index, rank_hint=seq.rank)
+            req.seqs.sort(key=lambda s: s.index)
+        visible = max(seq.num_emitted, self.stops.check(seq))
+        start, seq.num_emitted = seq.num_emitted, visible
+        out = seq.num_prompt_tokens
+        delta = TokenDelta(
+            request_id=seq.request_id, index=seq.index, token_ids=seq.token_ids[out + start : out + visible],
+            logprobs=seq.logprobs[start:visible] if seq.logprobs is not None else None,
+            finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+        )
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            self.seqs.pop(seq.seq_id, None)
+            if req.is_finished:
+                del self.requests[seq.request_id]
+        return delta
+
+    # --- introspection -----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        total = sum(kv.full.num_blocks for kv in self.kv)
+        free = sum(kv.num_free_blocks for kv in self.kv)
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": 1.0 - free / total,
+            "num_free_blocks": free,
+            "num_total_blocks": total,
+            "prefix_cache_hits": sum(kv.num_hit_tokens for kv in self.kv),
+            "prefix_cache_queries": sum(kv.num_query_tokens for kv in self.kv),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "expert_load": self.expert_load,
+        }
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,252 @@
+"""KV block bookkeeping for one worker rank: which physical blocks each sequence holds.
+
+Two pools, because the two layer kinds need different amounts of memory:
+- full-attention layers keep every block of a sequence;
+- sliding-window layers (every other gpt-oss layer, window 128) only ever read the last
+  `window` positions, so a sequence's sliding blocks wholly behind its window go back to
+  the pool. Long sequences are thus dominated by the full layers (36 KiB/token for 120b).
+
+Prefix caching (as in vLLM): a full block is named by hash(previous block's hash, its
+tokens), so equal names mean equal KV. Freed blocks keep their name and stay findable
+until the pool reuses them (least recently freed first). A hit needs the full blocks of
+the prefix and the sliding blocks inside the window at the prefix's end; at least one
+prompt token is always recomputed so the sequence gets logits to sample from.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates
+from gptoss_ray.engine.sequence import Sequence
+
+
+class BlockPool:
+    """Physical blocks of one layer kind: ref counts, a free list in LRU order, and the
+    prefix cache (hash -> block) over blocks that hold a full, named block of tokens."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.cached: dict[int, int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict its old contents from the prefix cache
+            if self.cached.get(h) == block:
+                del self.cached[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def acquire(self, block: int) -> None:
+        """Take another reference to a cached block (a prefix hit)."""
+        if self.ref_counts[block] == 0:
+            del self.free[block]
+        self.ref_counts[block] += 1
+
+    def release(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free[block] = None  # most recently freed = evicted last
+
+    def register(self, block: int, block_hash: int) -> None:
+        if self.block_hash[block] is None and block_hash not in self.cached:
+            self.block_hash[block] = block_hash
+            self.cached[block_hash] = block
+
+    def lookup(self, block_hash: int) -> int | None:
+        return self.cached.get(block_hash)
+
+
+class KVCacheManager:
+    """Per-rank block manager. Mutates the sequences' block tables and records every
+    changed table entry in `updates` for the next StepPlan."""
+
+    def __init__(
+        self, num_blocks: int, num_sliding_blocks: int, block_size: int, sliding_window: int | None
+    ):
+        self.block_size = block_size
+        self.full = BlockPool(num_blocks)
+        # No sliding pool when the model has no sliding layers (window None).
+        self.window = sliding_window if num_sliding_blocks > 0 else None
+        self.sliding = BlockPool(num_sliding_blocks) if self.window else None
+        self.updates = {FULL: BlockTableUpdates(), SLIDING: BlockTableUpdates()}
+        self.num_hit_tokens = 0  # prefix-cache hits, in tokens
+        self.num_query_tokens = 0  # prompt tokens looked up in the prefix cache
+
+    # --- queries -------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.full.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.full.num_free / self.full.num_blocks
+
+    def drain_updates(self) -> dict[str, BlockTableUpdates]:
+        out, self.updates = self.updates, {FULL: BlockTableUpdates(), SLIDING: BlockTableUpdates()}
+        return out
+
+    def _first_needed_block(self, position: int) -> int:
+        """First sliding block a query at `position` (or later) can read: key j is seen
+        by query i when i - j < window."""
+        return max(0, position - self.window + 1) // self.block_size
+
+    def _ensure_hashes(self, seq: Sequence, num_blocks: int) -> None:
+        bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
+        for b in range(len(hashes), num_blocks):
+            prev = hashes[b - 1] if b else 0
+            hashes.append(hash((prev, *tokens[b * bs : (b + 1) * bs])))
+
+    def find_prefix(self, seq: Sequence) -> int:
+        """Number of leading blocks of `seq` whose KV is cached on this rank (taken by
+        `allocate`). Leaves at least one token to compute."""
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        self._ensure_hashes(seq, max_blocks)
+        n = 0
+        while n < max_blocks and self.full.lookup(seq.block_hashes[n]) is not None:
+            n += 1
+        if self.sliding is None or n == 0:
+            return n
+        # The sliding layers need their blocks inside the window at the prefix's end;
+        # `run[k]` = how many consecutive blocks ending at k are cached in the sliding pool.
+        run, length = [], 0
+        for b in range(n):
+            length = length + 1 if self.sliding.lookup(seq.block_hashes[b]) is not None else 0
+            run.append(length)
+        for k in range(n, 0, -1):
+            if run[k - 1] >= k - self._first_needed_block(k * self.block_size):
+                return k
+        return 0
+
+    def _num_new_blocks(self, table_len: int, num_tokens_after: int) -> int:
+        return max(0, -(-num_tokens_after // self.block_size) - table_len)
+
+    def can_allocate(self, seq: Sequence, num_hit_blocks: int, num_new_tokens: int) -> bool:
+        """Whether admitting `seq` with that prefix hit and computing `num_new_tokens` fits."""
+        end = num_hit_blocks * self.block_size + num_new_tokens
+        hits = [self.full.lookup(h) for h in seq.block_hashes[:num_hit_blocks]]
+        revived = sum(self.full.ref_counts[b] == 0 for b in hits)
+        if self._num_new_blocks(num_hit_blocks, end) + revived > self.full.num_free:
+            return False
+        if self.sliding is None:
+            return True
+        first = self._first_needed_block(num_hit_blocks * self.block_size)
+        hits = [self.sliding.lookup(h) for h in seq.block_hashes[first:num_hit_blocks]]
+        revived = sum(self.sliding.ref_counts[b] == 0 for b in hits)
+        return self._num_new_blocks(num_hit_blocks, end) + revived <= self.sliding.num_free
+
+    # --- changes ---------------------------------------------------------------------------
+
+    def _set(self, kind: str, seq: Sequence, col: int, block: int) -> None:
+        table = seq.block_table if kind == FULL else seq.sliding_table
+        if col == len(table):
+            table.append(block)
+        else:
+            table[col] = block
+        u = self.updates[kind]
+        u.seq_ids.append(seq.seq_id)
+        u.cols.append(col)
+        u.blocks.append(block)
+
+    def allocate(self, seq: Sequence, num_hit_blocks: int, num_new_tokens: int) -> None:
+        """Admit `seq`: take its cached prefix blocks, then blocks for `num_new_tokens`.
+        The caller checked `can_allocate`."""
+        for col in range(num_hit_blocks):
+            block = self.full.lookup(seq.block_hashes[col])
+            self.full.acquire(block)
+            self._set(FULL, seq, col, block)
+        if self.sliding is not None:
+            first = self._first_needed_block(num_hit_blocks * self.block_size)
+            for col in range(num_hit_blocks):
+                block = -1
+                if col >= first:
+                    block = self.sliding.lookup(seq.block_hashes[col])
+                    self.sliding.acquire(block)
+                self._set(SLIDING, seq, col, block)
+        seq.num_computed_tokens = num_hit_blocks * self.block_size
+        seq.num_registered_blocks = num_hit_blocks
+        if not seq.admitted_once:
+            seq.admitted_once = True
+            seq.num_cached_tokens = seq.num_computed_tokens
+        ok = self.append_slots(seq, num_new_tokens)
+        assert ok, "allocate() called without can_allocate()"
+
+    def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Blocks for the next `num_new_tokens` of a running sequence. Sliding blocks that
+        fell behind the window are recycled first. False (nothing taken) if the pool is short."""
+        end = seq.num_computed_tokens + num_new_tokens
+        if self.sliding is not None:
+            table = seq.sliding_table
+            first = min(self._first_needed_block(seq.num_computed_tokens), len(table))
+            for col in range(first - 1, -1, -1):  # newest first, so a tail stays contiguous
+                if table[col] < 0:
+                    break
+                self.sliding.release(table[col])
+                self._set(SLIDING, seq, col, -1)
+        need = self._num_new_blocks(len(seq.block_table), end)
+        if need == 0:
+            return True
+        if need > self.full.num_free or (self.sliding is not None and need > self.sliding.num_free):
+            return False
+        for _ in range(need):
+            self._set(FULL, seq, len(seq.block_table), self.full.allocate())
+            if self.sliding is not None:
+                self._set(SLIDING, seq, len(seq.sliding_table), self.sliding.allocate())
+        return True
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Name the blocks this step filled, so later requests can hit them."""
+        num_full = seq.num_computed_tokens // self.block_size
+        if num_full <= seq.num_registered_blocks:
+            return
+        self._ensure_hashes(seq, num_full)
+        for col in range(seq.num_registered_blocks, num_full):
+            self.full.register(seq.block_table[col], seq.block_hashes[col])
+            if self.sliding is not None and seq.sliding_table[col] >= 0:
+                self.sliding.register(seq.sliding_table[col], seq.block_hashes[col])
+        seq.num_registered_blocks = num_full
+
+    def free(self, seq: Sequence) -> None:
+        """Return all of `seq`'s blocks (tail first: the tail is least likely to be shared)."""
+        for block in reversed(seq.block_table):
+            self.full.release(block)
+        if self.sliding is not None:
+            for block in reversed(seq.sliding_table):
+                if block >= 0:
+                    self.sliding.release(block)
+        seq.block_table = []
+        seq.sliding_table = []
+        seq.num_registered_blocks = 0
+
+
+def sliding_blocks_needed(window: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """Sliding-pool size that never runs short: in one step a sequence computing n tokens
+    from position p holds blocks from (p - window + 1) // bs to (p + n - 1) // bs, at most
+    (n + window - 2) / bs + 2 of them; summed over the step's sequences (sum n <= budget)."""
+    per_seq = -(-(window - 2) // block_size) + 2
+    return max_num_seqs * per_seq + -(-max_num_batched_tokens // block_size)
+
+
+def plan_num_blocks(
+    memory_bytes: int, full_block_bytes: int, sliding_block_bytes: int, sliding_needed: int
+) -> tuple[int, int]:
+    """(full, sliding) block counts filling `memory_bytes`: the sliding pool gets what it can
+    use (never more blocks than the full pool, since each sliding block shadows a full one),
+    the full pool the rest."""
+    if sliding_block_bytes == 0:
+        return memory_bytes // full_block_bytes, 0
+    full = (memory_bytes - sliding_needed * sliding_block_bytes) // full_block_bytes
+    if full >= sliding_needed:
+        return full, sliding_needed
+    both = memory_bytes // (full_block_bytes + sliding_block_bytes)
+    return both, both

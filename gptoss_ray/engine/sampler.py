@@ -1,0 +1,206 @@
+"""Batched, vectorized sampling: one pass of tensor ops over the [S, V] logits of a step.
+
+Legend: S sequences sampled this step, V vocab, P sequences with penalties.
+
+Order (as vLLM): raw logprobs (returned to users, from the model's own distribution) ->
+penalties -> min_tokens mask -> greedy argmax | temperature -> top-k / top-p -> min-p ->
+sample. Sampling draws token = argmax(probs / q) with q ~ Exp(1) per vocab entry (the
+"exponential race", equal in law to multinomial sampling). A seeded sequence draws its q
+from a generator seeded with hash(seed, sample index, output position), so its tokens
+depend on nothing else in the batch, nor on preemption and recompute.
+Every optional stage is skipped when no row of the batch uses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from gptoss_ray.engine.worker import SeqState
+
+_MASK64 = (1 << 64) - 1
+_EPS = 1e-5  # temperatures below this are greedy (avoids dividing logits by ~0)
+
+
+def mix_seed(seed: int, sample_index: int, position: int) -> int:
+    """splitmix64 of (seed, sample, position): a fresh, reproducible stream per token."""
+    x = (seed * 0x9E3779B97F4A7C15 + sample_index * 0xD1B54A32D192ED03 + position) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass
+class Penalties:
+    rows: torch.Tensor  # [P] int64 rows of the batch with any penalty
+    presence: torch.Tensor  # [P]
+    frequency: torch.Tensor  # [P]
+    repetition: torch.Tensor  # [P]
+    output_ids: torch.Tensor  # [P, Lmax] int64 output tokens, padded with V
+    prompt_ids: torch.Tensor  # [P, Lp] int64 prompt tokens, padded with V
+
+
+@dataclass
+class SamplingMetadata:
+    """The per-row sampling settings of one step, as tensors on the logits' device."""
+
+    temperature: torch.Tensor  # [S] float32; 1.0 on greedy rows (unused there)
+    greedy: torch.Tensor  # [S] bool
+    all_greedy: bool
+    top_k: torch.Tensor | None  # [S] int64, V = disabled; None when no row uses it
+    top_p: torch.Tensor | None  # [S] float32; None when no row uses it
+    min_p: torch.Tensor | None  # [S] float32; None when no row uses it
+    seeds: list[tuple[int, int]]  # (row, derived seed) of seeded non-greedy rows
+    banned: list[tuple[int, list[int]]]  # (row, stop token ids) of rows still under min_tokens
+    penalties: Penalties | None
+    num_logprobs: list[int | None]  # [S] top logprobs wanted per row (None = no logprobs)
+
+    @classmethod
+    def build(cls, states: list[SeqState], vocab_size: int, eos_token_ids: list[int], device) -> SamplingMetadata:
+        params = [s.params for s in states]
+        greedy_list = [p.temperature < _EPS for p in params]
+        all_greedy = all(greedy_list)
+        temperature = greedy = top_k = top_p = min_p = None
+        seeds: list[tuple[int, int]] = []
+        if not all_greedy:
+            temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy_list)])
+            if any(p.top_k > 0 for p in params):
+                top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params])
+            if any(p.top_p < 1.0 for p in params):
+                top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+            if any(p.min_p > 0.0 for p in params):
+                min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+            seeds = [(i, mix_seed(s.params.seed, s.sample_index, s.num_output_tokens))
+                     for i, (s, g) in enumerate(zip(states, greedy_list)) if s.params.seed is not None and not g]
+        banned = []
+        for i, s in enumerate(states):
+            if s.num_output_tokens < s.params.min_tokens:
+                stop_ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids))
+                banned.append((i, stop_ids))
+
+        def to(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return cls(
+            temperature=to(temperature), greedy=to(torch.tensor(greedy_list)), all_greedy=all_greedy,
+            top_k=to(top_k), top_p=to(top_p), min_p=to(min_p), seeds=seeds, banned=banned,
+            penalties=_build_penalties(states, vocab_size, device),
+            num_logprobs=[p.logprobs for p in params],
+        )
+
+
+def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.int64)
+
+
+def _build_penalties(states: list[SeqState], vocab_size: int, device) -> Penalties | None:
+    rows = [i for i, s in enumerate(states) if s.params.presence_penalty or s.params.frequency_penalty
+            or s.params.repetition_penalty != 1.0]
+    if not rows:
+        return None
+    sel = [states[i] for i in rows]
+    return Penalties(
+        rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        presence=torch.tensor([s.params.presence_penalty for s in sel], device=device),
+        frequency=torch.tensor([s.params.frequency_penalty for s in sel], device=device),
+        repetition=torch.tensor([s.params.repetition_penalty for s in sel], device=device),
+        output_ids=_pad([s.token_ids[s.num_prompt_tokens:] for s in sel], vocab_size).to(device),
+        prompt_ids=_pad([s.token_ids[: s.num_prompt_tokens] for s in sel], vocab_size).to(device),
+    )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]  # [S] the sampled token per row
+    logprobs: list[dict[int, float] | None]  # [S] token id -> raw logprob, for rows that asked
+
+
+class Sampler:
+    def __init__(self, device, seed: int | None = None):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)  # for unseeded requests
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self._seeded = torch.Generator(device=self.device)  # re-seeded per seeded row
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        logits = logits.float()  # [S, V]
+        want_lp = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
+        raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None  # [L, V]
+        if meta.penalties is not None:
+            logits = _apply_penalties(logits, meta.penalties)
+        for row, stop_ids in meta.banned:
+            logits[row, stop_ids] = float("-inf")
+        tokens = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)  # [S]
+        token_list = tokens.tolist()
+        logprobs: list[dict[int, float] | None] = [None] * len(token_list)
+        if raw_lp is not None:
+            rows = torch.tensor(want_lp, device=logits.device)
+            chosen = raw_lp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()  # [L]
+            k_max = max(meta.num_logprobs[i] for i in want_lp)
+            top_v, top_i = raw_lp.topk(k_max, dim=-1) if k_max else (raw_lp[:, :0], raw_lp[:, :0].long())
+            top_v, top_i = top_v.tolist(), top_i.tolist()
+            for j, row in enumerate(want_lp):
+                k = meta.num_logprobs[row]
+                entry = dict(zip(top_i[j][:k], top_v[j][:k]))
+                entry[token_list[row]] = chosen[j]
+                logprobs[row] = entry
+        return SamplerOutput(token_ids=token_list, logprobs=logprobs)
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        greedy_tokens = logits.argmax(dim=-1)  # [S]
+        logits = logits / meta.temperature.unsqueeze(1)
+        if meta.top_k is not None or meta.top_p is not None:
+            logits = _apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        probs = torch.softmax(logits, dim=-1)  # [S, V]
+        if meta.min_p is not None:
+            threshold = meta.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        q = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, seed in meta.seeds:
+            self._seeded.manual_seed(seed)
+            q[row].exponential_(generator=self._seeded)
+        sampled = (probs / q).argmax(dim=-1)
+        return torch.where(meta.greedy, greedy_tokens, sampled)
+
+
+def _apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
+    v = logits.shape[1]
+    sub = logits[p.rows]  # [P, V]
+    counts = torch.zeros(sub.shape[0], v + 1, device=sub.device)
+    counts.scatter_add_(1, p.output_ids, torch.ones_like(p.output_ids, dtype=counts.dtype))
+    counts = counts[:, :v]  # [P, V] occurrences in the output
+    seen = torch.zeros(sub.shape[0], v + 1, dtype=torch.bool, device=sub.device)
+    seen.scatter_(1, p.prompt_ids, True)
+    seen = seen[:, :v] | (counts > 0)  # [P, V] in prompt or output
+    # CTRL's repetition penalty: shrink positive logits, push negative ones further down.
+    rep = p.repetition.unsqueeze(1)
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    # OpenAI's presence / frequency penalties act on output tokens only.
+    sub = sub - p.frequency.unsqueeze(1) * counts - p.presence.unsqueeze(1) * (counts > 0)
+    logits = logits.clone()
+    logits[p.rows] = sub
+    return logits
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    if top_p is None:  # top-k alone: no full sort needed
+        k_max = int(top_k.max())
+        kth = logits.topk(k_max, dim=-1).values.gather(1, (top_k.clamp(max=k_max) - 1).unsqueeze(1))
+        return logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    v = logits.shape[1]
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (v - top_k.clamp(max=v)).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum <= 1.0 - top_p.unsqueeze(1)  # the low tail holding 1 - p of the mass
+    drop[:, -1] = False  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,85 @@
+"""A sequence: one sample of one request, as the engine tracks it.
+
+A request with n > 1 becomes n sequences. Sample 0 prefills the prompt; samples 1..n-1
+are created once that prefill is done and reuse its full KV blocks through the prefix
+cache (each recomputes at most the prompt's last partial block, so it samples its own
+first token from its own logits).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from gptoss_ray.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, holds no KV blocks
+    RUNNING = "running"  # holds KV blocks on `rank`, scheduled every step it fits the budget
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt then output; output tokens survive preemption
+    num_prompt_tokens: int
+    params: SamplingParams
+    index: int = 0  # which of the request's n samples
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache on `rank`
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
+    rank: int = -1  # worker rank holding the KV; -1 while waiting
+    rank_hint: int = -1  # n>1 samples: sample 0's rank, where the prompt blocks are cached
+    on_worker: bool = False  # the rank's worker has this sequence's mirror
+    admitted_once: bool = False  # counts the prefix-cache query once per sequence
+    # block ids per logical block; the sliding table has -1 for blocks left behind the window
+    block_table: list[int] = field(default_factory=list)
+    sliding_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hash of each full block of token_ids
+    num_registered_blocks: int = 0  # full blocks already entered in the prefix cache
+    logprobs: list[dict[int, float]] | None = None  # one dict per output token when asked for
+    num_emitted: int = 0  # output tokens already handed to the caller
+    text_offsets: list[int] = field(default_factory=list)  # stop strings: text length after each output token
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    @property
+    def is_prefill_done(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
+
+@dataclass(eq=False)
+class Request:
+    """A user request: its samples and what the caller is waiting on."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    children_spawned: bool = False  # samples 1..n-1 exist
+
+    @property
+    def is_finished(self) -> bool:
+        return self.children_spawned and all(s.is_finished for s in self.seqs)

@@ -1,0 +1,194 @@
+"""A worker: one rank's model, KV cache tensors and sampler, driven one StepPlan at a time.
+
+It keeps a mirror of each sequence placed on its rank (tokens, block tables, sampling
+params) so each step only carries the diff (see plan.py). Runs in-process for ep_size=1
+(InProcessExecutor); the expert-parallel executor runs N copies as Ray actors, overriding
+`load_model` to load only its experts and install the all-to-all dispatcher.
+
+Legend: T tokens of the step, B sequences computed, S sequences sampled, MB blocks per
+sequence, R rows of the block-table tensors (= max_num_seqs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, StepPlan, StepResult
+from gptoss_ray.engine.sampler import Sampler, SamplingMetadata
+from gptoss_ray.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs to build itself (sent to Ray actors, so plain values)."""
+
+    model_path: str  # local checkpoint directory (already located / downloaded)
+    dtype: str  # "float32" | "bfloat16": weights, activations and KV
+    device: str  # "cpu" | "cuda"
+    block_size: int  # tokens per KV block
+    num_blocks: int  # blocks of the full-attention pool
+    num_sliding_blocks: int  # blocks of the sliding-window pool (0 if the model has no sliding layers)
+    max_num_seqs: int  # rows of the block-table tensors: sequences a rank can hold at once
+    max_model_len: int  # longest sequence: columns of the block tables
+    ep_size: int = 1  # expert-parallel ranks; with > 1 every rank runs forward every step
+    eos_token_ids: tuple[int, ...] = ()  # masked while a sequence is under min_tokens
+    seed: int | None = None  # unseeded sampling's generator; None = from the OS
+
+
+@dataclass(eq=False)
+class SeqState:
+    """A worker's mirror of one sequence."""
+
+    token_ids: list[int]  # prompt + output (the worker appends what it samples)
+    num_prompt_tokens: int
+    num_computed_tokens: int  # tokens with KV in this rank's cache
+    params: SamplingParams
+    sample_index: int
+    row: int  # row in the block-table tensors
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, rank: int = 0):
+        self.config, self.rank = config, rank
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.dtype)
+        self.model = self.load_model()
+        self.model_config = self.model.config
+        for moe in self.model.moe_layers():  # a bincount per layer per step, for the expert-load metric
+            moe.record_expert_load = True
+        self.vocab_size = self.model_config.vocab_size
+        self.block_size = config.block_size
+        # Pool per layer type; without sliding layers only the full pool exists.
+        num_blocks = {FULL: config.num_blocks, SLIDING: max(config.num_sliding_blocks, 1)}
+        self.kv_caches = self.allocate_kv_cache(num_blocks)
+        max_blocks = -(-config.max_model_len // config.block_size)
+        self.block_tables = {  # [R, MB] int32, -1 = no block
+            kind: torch.full((config.max_num_seqs, max_blocks), -1, dtype=torch.int32, device=self.device)
+            for kind in (FULL, SLIDING)
+        }
+        self.seqs: dict[int, SeqState] = {}
+        self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        self.sampler = Sampler(self.device, None if config.seed is None else config.seed + rank)
+
+    # --- hooks the expert-parallel worker overrides -------------------------------------------
+
+    def load_model(self):
+        from gptoss_ray.model.loader import load_model
+
+        return load_model(self.config.model_path, self.dtype, self.device)
+
+    def allocate_kv_cache(self, num_blocks: dict[str, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from gptoss_ray.model.attention import allocate_kv_cache
+
+        return allocate_kv_cache(self.model_config, num_blocks, self.block_size, self.dtype, self.device)
+
+    # --- the step -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        work = plan.ranks[self.rank]
+        for seq_id in work.finished_ids:
+            self._forget(seq_id)
+        for new in work.new_seqs:
+            self._add(new)
+        for kind, updates in work.table_updates.items():
+            self._apply_updates(kind, updates)
+        result = StepResult()
+        if work.seq_ids or self.config.ep_size > 1:  # EP ranks must all meet in each all-to-all
+            result = self._run(work.seq_ids, work.num_new_tokens)
+        if plan.report_expert_load:
+            result.expert_load = self.expert_load()
+        return result
+
+    def _forget(self, seq_id: int) -> None:
+        state = self.seqs.pop(seq_id, None)
+        if state is not None:
+            for table in self.block_tables.values():
+                table[state.row].fill_(-1)
+            self.free_rows.append(state.row)
+
+    def _add(self, new: NewSequence) -> None:
+        self.seqs[new.seq_id] = SeqState(
+            token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
+            num_computed_tokens=new.num_computed_tokens, params=new.params,
+            sample_index=new.sample_index, row=self.free_rows.pop(),
+        )
+
+    def _apply_updates(self, kind: str, u: BlockTableUpdates) -> None:
+        if not u.seq_ids:
+            return
+        # Updates of a sequence dropped in the same step (preempted while scheduling) are stale.
+        keep = [i for i, s in enumerate(u.seq_ids) if s in self.seqs]
+        rows = torch.tensor([self.seqs[u.seq_ids[i]].row for i in keep], dtype=torch.int64)
+        cols = torch.tensor([u.cols[i] for i in keep], dtype=torch.int64)
+        blocks = torch.tensor([u.blocks[i] for i in keep], dtype=torch.int32)
+        self.block_tables[kind].index_put_((rows.to(self.device), cols.to(self.device)), blocks.to(self.device))
+
+    def _run(self, seq_ids: list[int], num_new_tokens: list[int]) -> StepResult:
+        states = [self.seqs[s] for s in seq_ids]
+        input_ids: list[int] = []
+        starts: list[int] = []
+        for st, n in zip(states, num_new_tokens):
+            start = st.num_computed_tokens
+            input_ids.extend(st.token_ids[start : start + n])
+            starts.append(start)
+            st.num_computed_tokens = start + n
+        attn, positions, last_rows = self._metadata(states, starts, num_new_tokens)
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        hidden = self.model(ids, positions, attn, self.kv_caches)  # [T, H]
+        # Sample only sequences whose chunk reached the end of their known tokens.
+        sampled = [i for i, st in enumerate(states) if st.num_computed_tokens == len(st.token_ids)]
+        if not sampled:
+            return StepResult()
+        idx = torch.tensor(sampled, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden[last_rows[idx]])  # [S, V]
+        sample_states = [states[i] for i in sampled]
+        meta = SamplingMetadata.build(sample_states, self.vocab_size, list(self.config.eos_token_ids), self.device)
+        out = self.sampler(logits, meta)
+        for st, tok in zip(sample_states, out.token_ids):
+            st.token_ids.append(tok)
+        return StepResult(seq_ids=[seq_ids[i] for i in sampled], token_ids=out.token_ids, logprobs=out.logprobs)
+
+    def _metadata(self, states: list[SeqState], starts: list[int], num_new: list[int]):
+        """Attention metadata for the packed step; also the row of each sequence's last token."""
+        from gptoss_ray.model.attention import AttentionMetadata
+
+        dev, bs = self.device, self.block_size
+        n = torch.tensor(num_new, dtype=torch.int64)  # [B]
+        start = torch.tensor(starts, dtype=torch.int64)  # [B]
+        cu = torch.zeros(len(states) + 1, dtype=torch.int64)
+        torch.cumsum(n, 0, out=cu[1:])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(states)), n)  # [T]
+        positions = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token] + start[seq_of_token]  # [T]
+        context = start + n  # [B]
+        max_blocks = int(-(-int(context.max()) // bs)) if len(states) else 0
+        rows = torch.tensor([st.row for st in states], dtype=torch.int64, device=dev)
+        seq_of_token, positions = seq_of_token.to(dev), positions.to(dev)
+        tables, slots = {}, {}
+        for kind, table in self.block_tables.items():
+            t = table[rows, :max_blocks]  # [B, MB]
+            tables[kind] = t
+            slots[kind] = t[seq_of_token, positions // bs].long() * bs + positions % bs  # [T]
+        attn = AttentionMetadata(
+            cu_seqlens_q=cu.to(torch.int32).to(dev), context_lens=context.to(torch.int32).to(dev),
+            slot_mapping=slots, block_tables=tables,
+        )
+        return attn, positions, (cu[1:] - 1).to(dev)
+
+    # --- introspection ----------------------------------------------------------------------------
+
+    def expert_load(self) -> list[list[int]]:
+        """[layer][expert] tokens of this rank routed to each expert since start."""
+        return [moe.expert_counts.tolist() for moe in self.model.moe_layers()]
+
+    def check_health(self) -> None:
+        """Raises if this worker cannot run steps (overridden by remote workers)."""
