@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up gptoss-ray in ./.venv: torch first (the CUDA build where a GPU answers, the
+# CPU build otherwise, so a laptop never pulls gigabytes of CUDA libraries), then the
+# project with its test extras. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: GPU found, installing torch $TORCH_VERSION (CUDA build)"
+    python -m pip install -q "torch==$TORCH_VERSION"
+  else
+    echo "setup: no GPU, installing torch $TORCH_VERSION (CPU build)"
+    # PyTorch's CPU index first; where it is unreachable pip moves on at once to the
+    # configured indexes (a local CPU wheel, or PyPI).
+    python -m pip install -q --timeout 10 --retries 0 "torch==$TORCH_VERSION" \
+      --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+python -m pip install -q -e ".[test]"
+echo "setup: ready ($(python -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")'))"
