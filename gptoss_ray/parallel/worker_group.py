@@ -39,6 +39,13 @@ logger = logging.getLogger(__name__)
 _START_TIMEOUT_S = 300.0
 
 
+def _describe(e: BaseException) -> str:
+    """One line naming what went wrong on the worker, not Ray's wrapper of it."""
+    cause = getattr(e, "cause", None) or e  # RayTaskError wraps the worker's exception
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else 'no message'}"[:300]
+
+
 class WorkerGroupError(RuntimeError):
     """A worker died, hung past the step timeout, or failed a step. Every sequence on
     the workers is lost; the group has been torn down and is rebuilt on next use."""
@@ -130,9 +137,8 @@ class WorkerGroup:
         except Exception as e:  # noqa: BLE001 - any failure leaves ranks stuck in a collective
             self.shutdown(failed=True)
             raise WorkerGroupError(
-                f"expert-parallel step {getattr(plan, 'step_id', '?')} failed on the worker group "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                "the group was torn down and will be rebuilt"
+                f"expert-parallel step {getattr(plan, 'step_id', '?')} failed ({_describe(e)}); "
+                "the worker group was torn down and will be rebuilt"
             ) from e
         self.last_stats = StepStats(
             all_to_all_s=max(o.all_to_all_s for o in outputs),

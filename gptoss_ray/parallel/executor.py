@@ -1,0 +1,132 @@
+"""RayExecutor: the engine's Executor over N expert-parallel Ray worker actors.
+
+The engine picks it when `ep_size > 1` (engine/executor.py: `EP_EXECUTOR`) and builds it
+as `RayExecutor(worker_config, engine_config)`. Each rank's Worker is the engine's own
+Worker, loading only its experts; worker_group.py holds the actors, the process group
+and the compiled step graph.
+
+Errors: `execute()` raises `WorkerGroupError` when a worker dies, hangs past
+`EngineConfig.step_timeout_s` or fails a step. By then the group is torn down and every
+sequence on the workers (their KV caches, their sampler state) is gone: the engine must
+end those requests with finish_reason "error" and forget the workers' state (block
+tables, prefix cache). The next `execute()` builds a fresh group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from gptoss_ray.config import EngineConfig, ModelConfig
+from gptoss_ray.engine.executor import Executor
+from gptoss_ray.engine.plan import StepPlan, StepResult
+from gptoss_ray.engine.worker import Worker, WorkerConfig
+from gptoss_ray.parallel.worker_group import StepStats, WorkerGroup, WorkerGroupConfig, WorkerGroupError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExpertParallelWorker", "RayExecutor", "WorkerGroupError"]
+
+
+class ExpertParallelWorker(Worker):
+    """The engine's Worker, holding only experts `experts` of every MoE layer."""
+
+    def __init__(self, config: WorkerConfig, rank: int, experts: range):
+        self.experts = experts  # read by load_model, which Worker.__init__ calls
+        super().__init__(config, rank)
+
+    def load_model(self):
+        from gptoss_ray.model.loader import load_model
+
+        return load_model(self.config.model_path, self.dtype, self.device, experts=self.experts)
+
+    def _run(self, seq_ids: list[int], num_new_tokens: list[int]) -> StepResult:
+        # With nothing on this rank, skip the model (it does not take zero tokens); the
+        # rank actor then joins each MoE layer's all-to-all with zero rows (rank.py).
+        if not seq_ids:
+            return StepResult()
+        return super()._run(seq_ids, num_new_tokens)
+
+
+@dataclass(frozen=True)
+class EngineWorkerFactory:
+    """Builds a rank's Worker inside its actor (pickled to the actors, so plain values)."""
+
+    config: WorkerConfig  # the engine's resolved worker settings, identical on every rank
+
+    def __call__(self, rank: int, experts: range) -> Worker:
+        return ExpertParallelWorker(self.config, rank, experts)
+
+
+class RayExecutor(Executor):
+    def __init__(self, worker_config: WorkerConfig, engine_config: EngineConfig | None = None,
+                 use_compiled_graph: bool = True):
+        engine_config = engine_config or EngineConfig()
+        model = ModelConfig.from_json_file(Path(worker_config.model_path) / "config.json")
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:  # offline use (LLM(...)); under Serve, Ray is already up
+            ray.init(include_dashboard=False, log_to_driver=False)
+        self.group = WorkerGroup(
+            WorkerGroupConfig(
+                ep_size=worker_config.ep_size, num_experts=model.num_local_experts,
+                device=worker_config.device, placement_strategy=engine_config.placement_strategy,
+                worker_num_cpus=engine_config.worker_num_cpus, step_timeout_s=engine_config.step_timeout_s,
+                use_compiled_graph=use_compiled_graph,
+            ),
+            EngineWorkerFactory(worker_config),
+        )
+        self.group.start()
+        self.num_steps = 0
+        self.total = StepStats()  # sums over all steps since start
+
+    def execute(self, plan: StepPlan) -> list[StepResult]:
+        outputs = self.group.step(plan)  # raises WorkerGroupError after tearing down
+        last = self.group.last_stats
+        self.num_steps += 1
+        self.total.all_to_all_s += last.all_to_all_s
+        self.total.wire_bytes += last.wire_bytes
+        self.total.min_wire_bytes += last.min_wire_bytes
+        self.total.worker_s += last.worker_s
+        self.total.step_s += last.step_s
+        return [o.result for o in outputs]
+
+    def check_health(self) -> None:
+        if not self.group.is_running:
+            return  # torn down after a failure; the next step rebuilds it
+        try:
+            self.group.call_all("pid")
+        except Exception as e:  # noqa: BLE001 - dead, hung or unreachable: all mean the same
+            self.group.shutdown(failed=True)
+            raise WorkerGroupError(f"expert-parallel worker unhealthy: {type(e).__name__}") from e
+
+    def stats(self) -> dict:
+        """All-to-all cost of the last step and averages since start (for engine.stats())."""
+        last, n = self.group.last_stats, max(self.num_steps, 1)
+        return {
+            "ep_size": self.group.config.ep_size,
+            "expert_ranges": [[r.start, r.stop] for r in self.group.placement.ranges()],
+            "num_steps": self.num_steps,
+            "num_rebuilds": self.group.num_rebuilds,
+            "last_step_all_to_all_s": last.all_to_all_s,
+            "last_step_wire_bytes": last.wire_bytes,
+            "mean_all_to_all_s_per_step": self.total.all_to_all_s / n,
+            "mean_wire_bytes_per_step": self.total.wire_bytes / n,
+            "mean_min_wire_bytes_per_step": self.total.min_wire_bytes / n,
+            "mean_control_overhead_s_per_step": (self.total.step_s - self.total.worker_s) / n,
+        }
+
+    def weight_bytes(self) -> list[dict[str, int]]:
+        """Per rank: resident bytes of its experts and of the shared (replicated) weights."""
+        return self.group.call_all("weight_bytes")
+
+    def worker_pids(self) -> list[int]:
+        return list(self.group.pids)
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
