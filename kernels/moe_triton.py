@@ -110,22 +110,19 @@ def _gate_up_swiglu_kernel(
     row_mask = rows < row_end
     pairs = tl.load(order_ptr + rows, mask=row_mask, other=0)  # [BM] pair index: gather x in-kernel
     x_rows = pairs.to(tl.int64) * stride_x
+    # Interleaved gate_up: weight rows 2j (gate) and 2j+1 (up) are neighbours, so the tile is one
+    # matmul over 2*BN consecutive rows whose accumulator columns are then split even/odd.
+    wcols = tl.program_id(1) * (2 * BN) + tl.arange(0, 2 * BN)  # [2BN] gate_up weight rows
+    wcol_mask = wcols < 2 * I
+    w_rows = expert * stride_we + wcols.to(tl.int64) * stride_wrow
+    s_rows = expert * stride_se + wcols.to(tl.int64) * stride_srow
+    acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+    acc = _grouped_dot(acc, x_ptr, x_rows, row_mask, w_ptr, s_ptr, w_rows, s_rows, wcol_mask, H, stride_wk,
+                       QUANT, BK, PREC, DOT_F32)
+    acc += tl.load(bias_ptr + expert * stride_be + wcols, mask=wcol_mask, other=0.0).to(tl.float32)[None, :]
+    gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))  # [BM, BN] each: columns 2j and 2j+1
     cols = tl.program_id(1) * BN + tl.arange(0, BN)  # [BN] intermediate columns
     col_mask = cols < I
-    # Interleaved gate_up: gate = weight row 2j, up = row 2j+1.
-    gate_rows = expert * stride_we + (2 * cols).to(tl.int64) * stride_wrow
-    up_rows = gate_rows + stride_wrow
-    gate_srows = expert * stride_se + (2 * cols).to(tl.int64) * stride_srow
-    up_srows = gate_srows + stride_srow
-    gate = tl.zeros((BM, BN), dtype=tl.float32)
-    up = tl.zeros((BM, BN), dtype=tl.float32)
-    gate = _grouped_dot(gate, x_ptr, x_rows, row_mask, w_ptr, s_ptr, gate_rows, gate_srows, col_mask, H, stride_wk,
-                        QUANT, BK, PREC, DOT_F32)
-    up = _grouped_dot(up, x_ptr, x_rows, row_mask, w_ptr, s_ptr, up_rows, up_srows, col_mask, H, stride_wk,
-                      QUANT, BK, PREC, DOT_F32)
-    bias_row = bias_ptr + expert * stride_be
-    gate += tl.load(bias_row + 2 * cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    up += tl.load(bias_row + 2 * cols + 1, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
     out = (up + 1.0) * gate * tl.sigmoid(alpha * gate)
@@ -213,12 +210,13 @@ def moe_experts_triton(
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [N, I] sorted order
     gu = _weight_args(w.gate_up_blocks, w.gate_up_scales, w.gate_up_weight)
     gu_bias = w.gate_up_bias.contiguous()
-    _gate_up_swiglu_kernel[(tiles.num_tiles, triton.cdiv(inter, block_n))](
+    # gate_up tiles span 2 * (block_n // 2) weight rows, so both kernels hold [BM, block_n] accumulators.
+    _gate_up_swiglu_kernel[(tiles.num_tiles, triton.cdiv(inter, block_n // 2))](
         x, sort.order, tiles.group, tiles.row_start, tiles.row_end,
         gu[0], gu[1], gu_bias, act,
         hidden, inter, x.stride(0), gu[3], gu[4], gu[5], gu[6], gu[7], gu_bias.stride(0), act.stride(0),
         float(alpha), float(limit),
-        QUANT=gu[2], BM=block_m, BN=block_n, BK=block_k, PREC=prec, DOT_F32=dot_f32,
+        QUANT=gu[2], BM=block_m, BN=block_n // 2, BK=block_k, PREC=prec, DOT_F32=dot_f32,
     )
     dn = _weight_args(w.down_blocks, w.down_scales, w.down_weight)
     dn_bias = w.down_bias.contiguous()
