@@ -123,16 +123,24 @@ class LLMEngine:
         if params.stop and self.stops.decode is None:
             raise SamplingParamsError("stop strings need the harmony tokenizer, which is unavailable", param="stop")
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request now: its sequences leave the queues and their blocks are freed."""
+    def abort_request(self, request_id: str) -> list[TokenDelta]:
+        """Stop a request now: its sequences leave the queues and their blocks are freed.
+        Returns a final "abort" delta for each sample that had not finished."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return
+            return []
+        deltas = []
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
+                deltas.append(TokenDelta(request_id, seq.index, finish_reason="abort",
+                                         num_prompt_tokens=seq.num_prompt_tokens))
             self.seqs.pop(seq.seq_id, None)
+        for index in range(len(req.seqs), req.params.n):  # samples not started yet
+            deltas.append(TokenDelta(request_id, index, finish_reason="abort",
+                                     num_prompt_tokens=len(req.prompt_token_ids)))
+        return deltas
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

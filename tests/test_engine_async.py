@@ -1,0 +1,120 @@
+"""AsyncLLMEngine: the interface the serve layer uses, on the real tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from engine_helpers import make_engine, prompt, run_all
+
+from gptoss_ray.config import EngineConfig
+from gptoss_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from gptoss_ray.errors import SamplingParamsError
+from gptoss_ray.sampling_params import SamplingParams
+
+STATS_KEYS = {"num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_total_blocks",
+              "prefix_cache_hits", "prefix_cache_queries", "num_preemptions", "expert_load"}
+
+
+def config(ckpt, **kw) -> EngineConfig:
+    return EngineConfig(**({"model": str(ckpt), "block_size": 4, "num_kv_blocks": 256, "max_model_len": 256} | kw))
+
+
+async def collect(engine, rid, tokens, params):
+    deltas = [d async for d in engine.generate(rid, tokens, params)]
+    out: dict[int, list[int]] = {}
+    for d in deltas:
+        out.setdefault(d.index, []).extend(d.token_ids)
+    return out, deltas
+
+
+def test_concurrent_requests_match_the_sync_engine(tiny_ckpt):
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=8, ignore_eos=True)
+    reqs = {f"r{i}": (prompt(4 + 3 * i, seed=i), seeded if i % 3 == 0 else params) for i in range(8)}
+    expected = run_all(make_engine(tiny_ckpt), reqs)
+
+    async def main():
+        engine = AsyncLLMEngine(config(tiny_ckpt))
+        ticks = 0
+
+        async def ticker():  # the event loop keeps running while the engine steps
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        tick_task = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(collect(engine, rid, *req) for rid, req in reqs.items()))
+        tick_task.cancel()
+        stats = engine.stats()
+        await engine.shutdown()
+        return results, stats, ticks
+
+    results, stats, ticks = asyncio.run(main())
+    for (rid, _), (out, deltas) in zip(reqs.items(), results):
+        for index, tokens in out.items():
+            assert tokens == expected[(rid, index)]
+        assert sum(d.finished for d in deltas) == len(out)
+    assert ticks > 10
+    assert set(stats) == STATS_KEYS and stats["num_running"] == 0
+    assert stats["expert_load"] is not None and len(stats["expert_load"]) == 2
+
+
+def test_abort_ends_the_stream_and_frees_blocks(tiny_ckpt):
+    async def main():
+        engine = AsyncLLMEngine(config(tiny_ckpt))
+        total = engine.stats()["num_total_blocks"]
+        gen = engine.generate("long", prompt(20, seed=1), SamplingParams(max_tokens=200, ignore_eos=True))
+        first = await gen.__anext__()
+        assert not first.finished
+        await engine.abort("long")
+        assert engine.stats()["num_free_blocks"] == total  # freed by the time abort returns
+        rest = [d async for d in gen]
+        await engine.shutdown()
+        return rest
+
+    rest = asyncio.run(main())
+    assert rest[-1].finish_reason == "abort"
+
+
+def test_consumer_leaving_early_aborts_the_request(tiny_ckpt):
+    async def main():
+        engine = AsyncLLMEngine(config(tiny_ckpt))
+        gen = engine.generate("r", prompt(10, seed=2), SamplingParams(max_tokens=200, ignore_eos=True))
+        async for _ in gen:
+            break
+        await gen.aclose()
+        await engine.abort("sync-point")  # runs after the abort the generator sent
+        stats = engine.stats()
+        await engine.shutdown()
+        return stats
+
+    stats = asyncio.run(main())
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
+
+
+def test_invalid_request_raises_naming_the_param_and_engine_stays_up(tiny_ckpt):
+    async def main():
+        engine = AsyncLLMEngine(config(tiny_ckpt))
+        with pytest.raises(SamplingParamsError) as err:
+            await collect(engine, "bad", list(range(250)), SamplingParams(max_tokens=50))
+        assert err.value.param == "max_tokens"
+        out, _ = await collect(engine, "good", prompt(5, seed=3), SamplingParams(max_tokens=3, ignore_eos=True))
+        await engine.check_health()
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "late", prompt(5, seed=3), SamplingParams(max_tokens=3))
+        return out
+
+    assert len(asyncio.run(main())[0]) == 3
+
+
+def test_max_model_len_is_exposed(tiny_ckpt):
+    async def main():
+        engine = AsyncLLMEngine(config(tiny_ckpt, max_model_len=100))
+        value = engine.max_model_len
+        await engine.shutdown()
+        return value
+
+    assert asyncio.run(main()) == 100

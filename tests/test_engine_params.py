@@ -1,0 +1,133 @@
+"""Sampling parameters end to end through the engine on the tiny model: each one, ignored, fails a test."""
+
+from __future__ import annotations
+
+import pytest
+from engine_helpers import GREEDY, make_engine, prompt, run_all
+
+from gptoss_ray.engine.output import StopChecker
+from gptoss_ray.engine.sequence import Sequence
+from gptoss_ray.errors import SamplingParamsError
+from gptoss_ray.harmony.encoding import decode
+from gptoss_ray.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    return make_engine(tiny_ckpt)
+
+
+def greedy(engine, tokens, **kw):
+    params = SamplingParams(**({"temperature": 0.0, "max_tokens": 10, "ignore_eos": True} | kw))
+    engine.add_request("r", tokens, params)
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas.extend(engine.step())
+    return [t for d in deltas for t in d.token_ids], deltas[-1]
+
+
+def test_max_tokens(engine):
+    tokens, last = greedy(engine, prompt(6, seed=1), max_tokens=3)
+    assert len(tokens) == 3 and last.finish_reason == "length"
+
+
+def test_stop_token_ids_end_the_output_inclusive(engine):
+    base, _ = greedy(engine, prompt(6, seed=2))
+    stop = base[4]
+    tokens, last = greedy(engine, prompt(6, seed=2), stop_token_ids=[stop])
+    assert tokens == base[: base.index(stop) + 1]
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+
+
+def test_min_tokens_defers_a_stop_token(engine):
+    base, _ = greedy(engine, prompt(6, seed=2))
+    first = base.index(base[4])
+    tokens, last = greedy(engine, prompt(6, seed=2), stop_token_ids=[base[4]], min_tokens=first + 2)
+    assert len(tokens) > first + 1 and base[4] not in tokens[: first + 2]
+
+
+def test_stop_string_ends_the_output_and_is_not_returned(engine):
+    base, _ = greedy(engine, prompt(6, seed=3), max_tokens=12)
+    text = decode(base)
+    start = len(decode(base[:5]))
+    stop = text[start : start + 3]  # three characters starting at token 5's text
+    tokens, last = greedy(engine, prompt(6, seed=3), max_tokens=12, stop=[stop])
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+    assert tokens == base[:5] and stop not in decode(tokens)
+
+
+def test_stop_string_not_matched_releases_every_token(engine):
+    base, _ = greedy(engine, prompt(6, seed=3), max_tokens=12)
+    tokens, last = greedy(engine, prompt(6, seed=3), max_tokens=12, stop=["\x00never"])
+    assert tokens == base and last.finish_reason == "length"
+
+
+def test_temperature_changes_output(engine):
+    base, _ = greedy(engine, prompt(6, seed=4))
+    hot, _ = greedy(engine, prompt(6, seed=4), temperature=1.0, seed=0)
+    assert hot != base
+
+
+def test_seed_reproduces_across_batches(tiny_ckpt, engine):
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=8, ignore_eos=True)
+    alone = run_all(engine, {"s": (prompt(7, seed=5), p)})
+    crowd = {f"x{i}": (prompt(3 + i, seed=50 + i), SamplingParams(temperature=1.0, max_tokens=8)) for i in range(5)}
+    together = run_all(make_engine(tiny_ckpt), {**crowd, "s": (prompt(7, seed=5), p)})
+    assert together[("s", 0)] == alone[("s", 0)]
+    other_seed = run_all(engine, {"s": (prompt(7, seed=5), SamplingParams(temperature=1.0, top_p=0.9, seed=12,
+                                                                         max_tokens=8, ignore_eos=True))})
+    assert other_seed[("s", 0)] != alone[("s", 0)]
+
+
+def test_penalties_change_greedy_output(engine):
+    # The random tiny model never repeats itself greedily; a repetition penalty below 1
+    # (allowed: it rewards repeats) makes it copy prompt tokens, which presence and
+    # frequency penalties on its output then push back.
+    tokens = prompt(6, seed=2)
+    plain, _ = greedy(engine, tokens, max_tokens=12)
+    repeats, _ = greedy(engine, tokens, max_tokens=12, repetition_penalty=0.1)
+    assert repeats != plain and set(repeats[:4]) <= set(tokens) | set(repeats[:3])
+    presence, _ = greedy(engine, tokens, max_tokens=12, repetition_penalty=0.1, presence_penalty=2.0)
+    frequency, _ = greedy(engine, tokens, max_tokens=12, repetition_penalty=0.1, frequency_penalty=2.0)
+    assert presence != repeats and frequency != repeats
+
+
+def test_logprobs_count_and_sampled_token(engine):
+    tokens, _ = greedy(engine, prompt(6, seed=7), max_tokens=4, logprobs=5)
+    engine.add_request("lp", prompt(6, seed=7), SamplingParams(temperature=0.0, max_tokens=4, logprobs=5,
+                                                               ignore_eos=True))
+    lps = []
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            lps.extend(d.logprobs)
+    assert len(lps) == 4
+    for tok, entry in zip(tokens, lps):
+        assert tok in entry and len(entry) == 5 and max(entry, key=entry.get) == tok
+
+
+def test_ignore_eos_keeps_going_past_eos():
+    checker = StopChecker({7}, max_model_len=100, decode=None)
+
+    def seq(**kw):
+        s = Sequence("r", [1, 2, 7], 2, SamplingParams(max_tokens=5, **kw))
+        return s, checker.check(s)
+
+    s, visible = seq()
+    assert s.finish_reason == "stop" and visible == 1
+    s, _ = seq(ignore_eos=True)
+    assert s.finish_reason is None
+    s, _ = seq(min_tokens=2)
+    assert s.finish_reason is None  # cannot stop before min_tokens
+
+
+@pytest.mark.parametrize("tokens,params,param", [
+    ([], SamplingParams(), "prompt"),
+    ([1, 2, 300000], SamplingParams(), "prompt"),
+    (list(range(300)), SamplingParams(), "prompt"),
+    (list(range(100)), SamplingParams(max_tokens=200), "max_tokens"),
+])
+def test_invalid_requests_name_the_param(engine, tokens, params, param):
+    with pytest.raises(SamplingParamsError) as err:
+        engine.add_request("bad", tokens, params)
+    assert err.value.param == param
+    assert not engine.has_unfinished_requests()

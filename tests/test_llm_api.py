@@ -1,0 +1,59 @@
+"""The offline API (`from gptoss_ray import LLM`) and `gptoss-ray generate`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from engine_helpers import prompt
+
+from gptoss_ray import LLM, SamplingParams
+from gptoss_ray.cli import main as cli_main
+from gptoss_ray.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt):
+    with LLM(model=str(tiny_ckpt), dtype="float32", ep_size=1, num_kv_blocks=128, max_model_len=256) as llm:
+        yield llm
+
+
+def test_generate_returns_one_output_per_prompt_in_order(llm):
+    prompts = [prompt(n, seed=n) for n in (30, 3, 12)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=1, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert [o.prompt_token_ids for o in outs] == prompts
+    for p, out in zip(prompts, outs):
+        sample = out.outputs[0]
+        assert len(sample.token_ids) == 12 and sample.finish_reason == "length"
+        assert len(sample.logprobs) == 12
+        for token, entry in zip(sample.token_ids, sample.logprobs):
+            assert token in entry and 1 <= len(entry) <= 2
+            assert all(isinstance(k, int) and isinstance(v, float) and v <= 0 for k, v in entry.items())
+        alone = llm.generate(prompt_token_ids=[p], sampling_params=params)[0].outputs[0]
+        assert alone.token_ids == sample.token_ids
+        assert all(math.isclose(a[t], b[t], abs_tol=1e-4)
+                   for t, a, b in zip(sample.token_ids, alone.logprobs, sample.logprobs))
+
+
+def test_per_prompt_params_and_n(llm):
+    outs = llm.generate(prompt_token_ids=[prompt(5, seed=1), prompt(6, seed=2)],
+                        sampling_params=[SamplingParams(max_tokens=2, ignore_eos=True),
+                                         SamplingParams(n=3, seed=1, max_tokens=4, ignore_eos=True)])
+    assert [len(o.outputs) for o in outs] == [1, 3]
+    assert [len(s.token_ids) for s in outs[1].outputs] == [4, 4, 4]
+    assert outs[0].outputs[0].logprobs is None
+
+
+def test_bad_engine_argument_is_one_clear_error(tiny_ckpt):
+    with pytest.raises(ConfigError, match="block_sise"):
+        LLM(model=str(tiny_ckpt), block_sise=8)
+
+
+def test_generate_cli_prints_the_parsed_reply(tiny_ckpt, capsys):
+    rc = cli_main(["generate", "--model", str(tiny_ckpt), "--prompt", "Why is the sky blue?",
+                   "--reasoning-effort", "low", "--max-tokens", "8", "--temperature", "0", "--show-tokens"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "[final]" in captured.out
+    assert "8 generated" in captured.err
