@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gptoss_ray.serve.config import ServeConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "gptoss-ray"
 PRESETS = sorted((CHART / "presets").glob("*.yaml"))
@@ -53,6 +55,7 @@ def test_preset_renders_valid_manifests(preset):
     assert args["ep_size"] == values["engine"]["epSize"]
     assert args["kv_cache_memory_gb"] == values["engine"]["kvCacheMemoryGb"]
     assert args["model"] == values["model"]["name"]
+    ServeConfig.from_args(args)  # what build_app will do with them
     (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == str(values["worker"]["gpus"])
@@ -71,6 +74,10 @@ def test_service_monitor_scrapes_every_ray_pod():
     kinds = render("--set", "metrics.serviceMonitor.enabled=true")
     monitor, service = kinds["ServiceMonitor"], kinds["Service"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    ray_metrics, app_metrics = monitor["spec"]["endpoints"]
+    assert ray_metrics["port"] == "metrics" and app_metrics["path"] == "/metrics"
+    # the app's /metrics needs the API key, like every route but /health
+    assert app_metrics["authorization"]["credentials"] == {"name": kinds["Secret"]["metadata"]["name"], "key": "api-key"}
     pod_labels = kinds["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     allowed = validate.open_ports(kinds["NetworkPolicy"])

@@ -12,7 +12,7 @@ import jsonschema
 import pytest
 import yaml
 
-from gptoss_ray.config import EngineConfig
+from gptoss_ray.serve.config import ServeConfig
 
 CHART = Path(__file__).resolve().parents[1] / "helm" / "gptoss-ray"
 PRESETS = sorted((CHART / "presets").glob("*.yaml"))
@@ -68,22 +68,22 @@ def test_preset_validates_over_the_defaults(validator, defaults, preset):
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_preset_is_consistent(defaults, preset):
     """GPU count = a whole number of model instances, KV budget + weights fit the GPU,
-    the engine part is a valid EngineConfig."""
+    the app arguments are a valid ServeConfig."""
     values = helm_merge(defaults, yaml.safe_load(preset.read_text()))
     engine, worker = values["engine"], values["worker"]
     count, kind = preset.stem.split("x", 1)
     assert worker["gpus"] == int(count) and worker["gpus"] % engine["epSize"] == 0
-    EngineConfig(
-        model=values["model"]["name"], ep_size=engine["epSize"], kv_cache_memory_gb=engine["kvCacheMemoryGb"],
-        max_num_seqs=engine["maxNumSeqs"], max_num_batched_tokens=engine["maxNumBatchedTokens"],
-    )
+    ServeConfig.from_args({
+        "model": values["model"]["name"], "ep_size": engine["epSize"], "kv_cache_memory_gb": engine["kvCacheMemoryGb"],
+        "max_num_seqs": engine["maxNumSeqs"], "max_num_batched_tokens": engine["maxNumBatchedTokens"],
+        "max_queued_requests": values["serve"]["maxQueuedRequests"],
+    })
     # Weights per GPU (MXFP4 experts split over ep_size GPUs + bf16 replicated parts).
     experts_gib, replicated_gib = {"openai/gpt-oss-120b": (56.8, 4.0), "openai/gpt-oss-20b": (9.5, 3.4)}[values["model"]["name"]]
     weights_gib = experts_gib / engine["epSize"] + replicated_gib
     gpu_gib = next(v for k, v in GPU_GIB.items() if kind.startswith(k))
     headroom_gib = gpu_gib - weights_gib - engine["kvCacheMemoryGb"]
     assert 2.0 <= headroom_gib <= 12.0, f"{headroom_gib:.1f} GiB left for context and activations"
-    assert values["serve"]["maxOngoingRequests"] <= engine["maxNumSeqs"]
 
 
 @pytest.mark.parametrize(

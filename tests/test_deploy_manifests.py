@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptoss_ray.config import EngineConfig
+from gptoss_ray.serve.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -23,10 +23,6 @@ DEPLOY = ROOT / "deploy"
 _spec = importlib.util.spec_from_file_location("deploy_validate", DEPLOY / "validate.py")
 validate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(validate)
-
-# build_app arguments that are not EngineConfig fields.
-SERVE_ARGS = {"api_key", "api_key_env", "max_queued_requests", "max_ongoing_requests", "model_name"}
-
 
 @pytest.fixture(scope="module")
 def serve_config() -> dict:
@@ -125,25 +121,32 @@ def test_serve_config_validation_rejects_unknown_and_invalid_keys(serve_config):
 # --- what the deployment relies on -------------------------------------------------------
 
 
-def test_app_args_are_engine_config_fields(serve_config):
+def test_app_args_are_what_build_app_takes(serve_config, monkeypatch):
+    monkeypatch.delenv("GPTOSS_RAY_API_KEY", raising=False)
     args = serve_config["applications"][0]["args"]
-    assert args["model"] == "openai/gpt-oss-120b" and args["ep_size"] >= 1
-    engine_args = {k: v for k, v in args.items() if k not in SERVE_ARGS}
-    EngineConfig(**engine_args)  # extra="forbid": a misspelt field fails here
+    config = ServeConfig.from_args(args)  # extra="forbid": a misspelt argument fails here
+    assert (config.engine.model, config.engine.ep_size) == ("openai/gpt-oss-120b", 2)
+    assert config.api_key is None  # the key is never in the file: it comes from the Secret
+    assert "api_key" not in args and "api_key_file" not in args
 
 
-def test_llm_server_autoscales_and_bounds_its_queue(serve_config):
-    llm = _deployment(serve_config, "LLMServer")
+def test_llm_server_autoscales_and_the_queue_is_bounded(serve_config):
+    app = serve_config["applications"][0]
+    config = ServeConfig.from_args(app["args"])
+    llm, ingress = _deployment(serve_config, "LLMServer"), _deployment(serve_config, "OpenAIIngress")
     auto = llm["autoscaling_config"]
     for key in ("min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"):
         assert key in auto, key
     assert 1 <= auto["min_replicas"] <= auto["max_replicas"]
     assert "num_replicas" not in llm  # a fixed count would switch autoscaling off
-    assert llm["max_queued_requests"] > 0  # -1 would be an unbounded queue
-    assert llm["max_ongoing_requests"] >= auto["target_ongoing_requests"]
-    # More in flight than the engine batches would queue inside the replica, out of
-    # sight of Serve's bounded queue and of the autoscaling metric.
-    assert llm["max_ongoing_requests"] <= serve_config["applications"][0]["args"]["max_num_seqs"]
+    # A replica takes one engine batch; more would queue inside one engine, out of sight
+    # of the autoscaler and of replicas that come up later.
+    assert auto["target_ongoing_requests"] < llm["max_ongoing_requests"] == config.engine.max_num_seqs
+    # Bounded everywhere (-1 = unbounded): the app's 429 first, Serve's queues behind it
+    # never smaller than what one ingress replica can have waiting.
+    assert 0 < config.max_queued_requests
+    assert llm["max_queued_requests"] >= config.max_inflight - llm["max_ongoing_requests"]
+    assert ingress["max_queued_requests"] > 0 and ingress["backpressure_config"]["status_code"] == 429
 
 
 def test_ray_token_auth_is_on(manifests):

@@ -60,6 +60,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if $e.maxModelLen -}}
 {{- $_ := set $args "max_model_len" (int $e.maxModelLen) -}}
 {{- end -}}
+{{- $_ := set $args "max_queued_requests" (int .Values.serve.maxQueuedRequests) -}}
 {{- toYaml (merge $args ($e.extra | default dict)) -}}
 {{- end -}}
 
@@ -67,6 +68,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "gptoss-ray.serveConfig" -}}
 {{- $a := .Values.autoscaling -}}
 {{- $s := .Values.serve -}}
+{{- $e := .Values.engine -}}
 proxy_location: EveryNode
 http_options:
   host: 0.0.0.0
@@ -85,6 +87,10 @@ applications:
     deployments:
       - name: OpenAIIngress
         max_ongoing_requests: {{ $s.ingress.maxOngoingRequests | default 1024 }}
+        max_queued_requests: {{ $s.ingress.maxQueuedRequests | default 256 }}
+        backpressure_config:
+          status_code: 429
+          retry_after_s: 1
         autoscaling_config:
           min_replicas: {{ $s.ingress.minReplicas }}
           max_replicas: {{ $s.ingress.maxReplicas }}
@@ -94,11 +100,8 @@ applications:
         ray_actor_options:
           num_cpus: 1
       - name: LLMServer
-        max_ongoing_requests: {{ $s.maxOngoingRequests }}
-        max_queued_requests: {{ $s.maxQueuedRequests }}
-        backpressure_config:
-          status_code: 503
-          retry_after_s: {{ $s.retryAfterS | default 5 }}
+        max_ongoing_requests: {{ $e.maxNumSeqs }}
+        max_queued_requests: {{ add $e.maxNumSeqs $s.maxQueuedRequests }}
         autoscaling_config:
           min_replicas: {{ $a.minReplicas }}
           initial_replicas: {{ $a.initialReplicas | default $a.minReplicas }}
