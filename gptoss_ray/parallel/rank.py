@@ -32,6 +32,19 @@ class RankStepOutput:
     worker_s: float  # seconds inside Worker.execute (model + sampling + bookkeeping)
 
 
+def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Resident bytes of a model's weights: its experts, and everything else ("shared",
+    which every rank holds whole). Derived buffers (RoPE tables, load counters) excluded."""
+    expert, shared = 0, 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        nbytes = t.numel() * t.element_size()
+        if ".experts." in name:
+            expert += nbytes
+        elif "expert_counts" not in name and "inv_freq" not in name:
+            shared += nbytes
+    return {"expert": expert, "shared": shared}
+
+
 class RankActor:
     """Holds the engine Worker of one rank, built with only this rank's experts."""
 
@@ -99,16 +112,7 @@ class RankActor:
     # --- queries (plain remote calls, not per step) -------------------------------------
 
     def weight_bytes(self) -> dict[str, int]:
-        """Resident parameter and buffer bytes of this rank's model, experts apart."""
-        model = self.worker.model
-        expert, shared = 0, 0
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            nbytes = t.numel() * t.element_size()
-            if ".experts." in name:
-                expert += nbytes
-            elif "expert_counts" not in name and "inv_freq" not in name:
-                shared += nbytes
-        return {"expert": expert, "shared": shared}
+        return weight_bytes(self.worker.model)
 
     def pid(self) -> int:
         return os.getpid()
