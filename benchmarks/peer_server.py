@@ -11,7 +11,8 @@ plain loop people write first: FastAPI + uvicorn, one `generate` call at a time 
 done; requests that arrive meanwhile wait for the next batch. That is the baseline a
 continuous-batching engine should beat, and the comparison is honest only if the rest
 is the same, so the peer renders prompts and parses replies with gptoss_ray's harmony
-code, exactly as the real server does, and counts usage the same way.
+code, exactly as the real server does, and counts usage the same way. Routes:
+/v1/chat/completions, /v1/completions (one text prompt), /v1/models, /health.
 
 Limits, on purpose: one sampling setting per batch (the first request's temperature and
 top_p), no tools, no stop strings, no n > 1.
@@ -37,9 +38,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import AutoModelForCausalLM, GenerationConfig, Mxfp4Config, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from gptoss_ray.harmony.encoding import stop_token_ids
+from gptoss_ray.harmony.encoding import IncrementalDecoder, stop_token_ids
 from gptoss_ray.harmony.parse import HarmonyStreamParser
-from gptoss_ray.harmony.render import render_chat
+from gptoss_ray.harmony.render import encode_text, render_chat
 
 logger = logging.getLogger("peer_server")
 PAD_TOKEN_ID = 199999  # <|endoftext|>, the checkpoints' pad_token_id
@@ -154,12 +155,26 @@ def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
-def _parse(body: dict, loop: asyncio.AbstractEventLoop) -> PendingRequest:
-    """The fields this peer honours; ValueError(message, param) for anything invalid."""
+def _prompt_ids(body: dict, chat: bool) -> list[int]:
+    """The chat rendered as harmony, or the raw completion prompt's tokens, as the real server does."""
+    if not chat:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError("prompt must be a non-empty string (this peer takes one text prompt)", "prompt")
+        return encode_text(prompt)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list", "messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
+    try:
+        return render_chat(messages).token_ids
+    except Exception as e:  # RenderError and malformed messages alike are the client's
+        raise ValueError(str(e), "messages") from None
+
+
+def _parse(body: dict, chat: bool, loop: asyncio.AbstractEventLoop) -> PendingRequest:
+    """The fields this peer honours; ValueError(message, param) for anything invalid."""
+    prompt = _prompt_ids(body, chat)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256 if chat else 16))
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError("max_tokens must be a positive integer", "max_tokens")
     min_tokens = body.get("min_tokens", 0)
@@ -171,10 +186,6 @@ def _parse(body: dict, loop: asyncio.AbstractEventLoop) -> PendingRequest:
         raise ValueError("temperature must be in [0, 2]", "temperature")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError("top_p must be in (0, 1]", "top_p")
-    try:
-        prompt = render_chat(messages).token_ids
-    except Exception as e:  # RenderError and malformed messages alike are the client's
-        raise ValueError(str(e), "messages") from None
     return PendingRequest(prompt, max_tokens, min_tokens, bool(body.get("ignore_eos", False)),
                           float(temperature), float(top_p), loop)
 
@@ -196,8 +207,7 @@ def build_app(batcher: StaticBatcher, model_name: str) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "peer"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
+    async def handle(request: Request, chat: bool):
         try:
             body = await request.json()
         except json.JSONDecodeError:
@@ -205,15 +215,25 @@ def build_app(batcher: StaticBatcher, model_name: str) -> FastAPI:
         if not isinstance(body, dict):
             return _error(400, "request body must be a JSON object")
         try:
-            req = _parse(body, asyncio.get_running_loop())
+            req = _parse(body, chat, asyncio.get_running_loop())
         except ValueError as e:
             return _error(400, *e.args)
         await batcher.waiting.put(req)
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": model_name}
+        text = _ChatText() if chat else _RawText()
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(req, meta, usage), media_type="text/event-stream")
-        return await _complete(req, meta)
+            return StreamingResponse(_stream(req, meta, usage, text), media_type="text/event-stream")
+        return await _complete(req, meta, text)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
 
     return app
 
@@ -223,64 +243,108 @@ def _usage(req: PendingRequest, n_out: int) -> dict:
             "total_tokens": len(req.prompt_ids) + n_out}
 
 
-async def _tokens(req: PendingRequest, parser: HarmonyStreamParser):
-    """(deltas, finish_reason or None) per token event; marks the request finished on exit,
+class _ChatText:
+    """Chat replies: harmony-parsed, streamed as `delta` objects."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def __init__(self):
+        self.parser = HarmonyStreamParser()
+
+    def push(self, token: int | None) -> dict:
+        """Delta fields for one token (None = the end of generation)."""
+        deltas = self.parser.finish() if token is None else self.parser.feed([token])
+        out: dict = {}
+        for d in deltas:  # tool calls are not served by the peer; their text stays out
+            key = {"reasoning": "reasoning_content", "content": "content"}.get(d.kind)
+            if key:
+                out[key] = out.get(key, "") + d.text
+        return out
+
+    def first_chunk_choice(self) -> dict | None:
+        return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+
+    def chunk_choice(self, fields: dict, finish: str | None) -> dict:
+        return {"index": 0, "delta": fields, "finish_reason": finish}
+
+    def final_choice(self, finish: str) -> dict:
+        message = {"role": "assistant", "content": self.parser.content}
+        if self.parser.reasoning:
+            message["reasoning_content"] = self.parser.reasoning
+        return {"index": 0, "message": message, "finish_reason": finish}
+
+
+class _RawText:
+    """Raw completions: every token's text as it comes, no parsing."""
+
+    object, chunk_object = "text_completion", "text_completion"
+
+    def __init__(self):
+        self.decoder, self.text = IncrementalDecoder(), ""
+
+    def push(self, token: int | None) -> dict:
+        piece = self.decoder.flush() if token is None else self.decoder.push([token])
+        self.text += piece
+        return {"text": piece} if piece else {}
+
+    def first_chunk_choice(self) -> dict | None:
+        return None
+
+    def chunk_choice(self, fields: dict, finish: str | None) -> dict:
+        return {"index": 0, "text": fields.get("text", ""), "finish_reason": finish, "logprobs": None}
+
+    def final_choice(self, finish: str) -> dict:
+        return {"index": 0, "text": self.text, "finish_reason": finish, "logprobs": None}
+
+
+async def _tokens(req: PendingRequest):
+    """Generated tokens, then the finish reason (str); marks the request finished on exit,
     so a client that disconnects stops costing its row anything but padding."""
     try:
         while True:
             item = await req.events.get()
+            yield item
             if isinstance(item, str):
-                yield parser.finish(), item
                 return
-            yield parser.feed([item]), None
     finally:
         req.finished = True
 
 
-def _chunk(meta: dict, delta: dict, finish_reason: str | None = None) -> str:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-    return "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": [choice]}) + "\n\n"
+def _sse(meta: dict, text, choices: list, **extra) -> str:
+    return "data: " + json.dumps({**meta, "object": text.chunk_object, "choices": choices, **extra}) + "\n\n"
 
 
-def _delta_fields(deltas) -> dict:
-    out: dict = {}
-    for d in deltas:  # tool calls are not served by the peer; their text stays out
-        key = "reasoning_content" if d.kind == "reasoning" else "content" if d.kind == "content" else None
-        if key:
-            out[key] = out.get(key, "") + d.text
-    return out
-
-
-async def _stream(req: PendingRequest, meta: dict, include_usage: bool):
-    parser, n_out = HarmonyStreamParser(), 0
-    yield _chunk(meta, {"role": "assistant", "content": ""})
-    async for deltas, finish in _tokens(req, parser):
+async def _stream(req: PendingRequest, meta: dict, include_usage: bool, text):
+    n_out = 0
+    first = text.first_chunk_choice()
+    if first:
+        yield _sse(meta, text, [first])
+    async for item in _tokens(req):
+        finish = item if isinstance(item, str) else None
         n_out += finish is None
-        fields = _delta_fields(deltas)
-        if fields:
-            yield _chunk(meta, fields)
-        if finish is not None:
-            if finish == "error":
-                yield "data: " + json.dumps({"error": {"message": "generation failed", "code": 500}}) + "\n\n"
-            yield _chunk(meta, {}, finish if finish != "error" else "stop")
+        fields = text.push(None if finish else item)
+        if finish == "error":
+            yield "data: " + json.dumps({"error": {"message": "generation failed", "code": 500}}) + "\n\n"
+        elif fields or finish:
+            yield _sse(meta, text, [text.chunk_choice(fields, finish)])
     if include_usage:
-        yield "data: " + json.dumps({**meta, "object": "chat.completion.chunk", "choices": [],
-                                     "usage": _usage(req, n_out)}) + "\n\n"
+        yield _sse(meta, text, [], usage=_usage(req, n_out))
     yield "data: [DONE]\n\n"
 
 
-async def _complete(req: PendingRequest, meta: dict) -> JSONResponse:
-    parser, n_out, finish = HarmonyStreamParser(), 0, "length"
-    async for _, reason in _tokens(req, parser):
-        n_out += reason is None
-        finish = reason or finish
+async def _complete(req: PendingRequest, meta: dict, text) -> JSONResponse:
+    n_out, finish = 0, "length"
+    async for item in _tokens(req):
+        if isinstance(item, str):
+            finish = item
+            text.push(None)
+        else:
+            n_out += 1
+            text.push(item)
     if finish == "error":
         return _error(500, "generation failed")
-    message = {"role": "assistant", "content": parser.content}
-    if parser.reasoning:
-        message["reasoning_content"] = parser.reasoning
-    choice = {"index": 0, "message": message, "finish_reason": finish}
-    return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(req, n_out)})
+    return JSONResponse({**meta, "object": text.object, "choices": [text.final_choice(finish)],
+                         "usage": _usage(req, n_out)})
 
 
 def load_model(path: str, threads: int):

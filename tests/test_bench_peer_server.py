@@ -79,6 +79,16 @@ def test_openai_sdk_streams_and_counts_exactly(peer):
         client.chat.completions.create(model="peer", messages=[{"role": "user", "content": "x"}], max_tokens=0)
 
 
+def test_raw_completions_stream_every_token(peer):
+    client = openai.OpenAI(base_url=f"{peer}/v1", api_key="unused", max_retries=0)
+    chunks = list(client.completions.create(model="peer", prompt="the sea is", max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"min_tokens": 5, "ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-1].usage.prompt_tokens == 3
+    assert sum(1 for c in chunks if c.choices and c.choices[0].text) >= 3  # streamed, not one lump
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
 def test_load_generator_against_the_peer(peer, tmp_path):
     out = tmp_path / "peer.json"
     argv = ["bench", "--base-url", peer, "--concurrency", "3", "--num-requests", "6", "--input-len", "8",

@@ -55,20 +55,29 @@ class FakeServer:
                     return JSONResponse({"error": {"message": "injected", "code": status}}, status_code=status)
             return StreamingResponse(self._stream(body), media_type="text/event-stream")
 
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            body = await request.json()
+            self.bodies.append(body)
+            return StreamingResponse(self._stream(body), media_type="text/event-stream")
+
         return app
 
     async def _stream(self, body: dict):
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            n = body["max_tokens"]
-            yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+            n, chat = body["max_tokens"], "messages" in body
+            if chat:
+                yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
             for i in range(n):
                 await asyncio.sleep(self.token_delay_s)
-                yield _sse({"choices": [{"index": 0, "delta": {"content": f"w{i} "}}]})
+                piece = {"delta": {"content": f"w{i} "}} if chat else {"text": f"w{i} "}
+                yield _sse({"choices": [{"index": 0, **piece}]})
             yield _sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]})
             if self.send_usage and body.get("stream_options", {}).get("include_usage"):
-                prompt_tokens = len(body["messages"][0]["content"].split()) + 7
+                prompt = body["messages"][0]["content"] if chat else body["prompt"]
+                prompt_tokens = len(prompt.split()) + 7
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
                 yield _sse({"choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
@@ -169,6 +178,15 @@ def test_without_usage_tokens_are_counted_from_chunks(fake, tmp_path):
     assert report["usage_reported"] is False and report["total_output_tokens"] == 18
     assert report["total_input_tokens"] == 12  # the word estimate
     assert all("min_tokens" not in b and "ignore_eos" not in b and b["model"] == "any" for b in fake.bodies)
+
+
+def test_raw_completions_endpoint(fake, tmp_path):
+    fake.send_usage = False  # tokens are then counted from `choices[].text` chunks
+    report = bench(fake, tmp_path, "--endpoint", "completions", "--num-requests", "4", "--output-len", "5",
+                   "--input-len", "6", "--warmup", "0")
+    assert report["endpoint"] == "completions" and report["completed"] == 4
+    assert report["total_output_tokens"] == 20 and report["itl_p50_ms"] > 0
+    assert all("messages" not in b and len(b["prompt"].split()) == 6 for b in fake.bodies)
 
 
 def test_sharegpt_dataset_prompts_and_reply_lengths(fake, tmp_path):

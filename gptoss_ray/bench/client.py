@@ -47,15 +47,22 @@ class RequestResult:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
 
-def chat_body(model: str, req: BenchRequest, fixed_length: bool, extra_body: dict) -> dict:
-    """The JSON body of one streamed chat request."""
+ENDPOINTS = {"chat": "/chat/completions", "completions": "/completions"}
+
+
+def request_body(endpoint: str, model: str, req: BenchRequest, fixed_length: bool, extra_body: dict) -> dict:
+    """The JSON body of one streamed request: a chat with one user message, or a raw
+    text completion (no chat template, no reply parsing on the server)."""
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": req.prompt}],
         "max_tokens": req.output_len,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": req.prompt}]
+    else:
+        body["prompt"] = req.prompt
     if fixed_length:
         # vLLM-style extensions: the server generates exactly max_tokens tokens, so every
         # server under test does the same work whatever its (random) weights sample.
@@ -65,8 +72,8 @@ def chat_body(model: str, req: BenchRequest, fixed_length: bool, extra_body: dic
     return body
 
 
-async def send_chat(client: httpx.AsyncClient, url: str, body: dict, prompt_len: int) -> RequestResult:
-    """POST `body` (stream=True) to `url` and time its chunks. Never raises for a failed
+async def send_request(client: httpx.AsyncClient, url: str, body: dict, prompt_len: int) -> RequestResult:
+    """POST `body` (stream=True) to `url` and time its text chunks. Never raises for a failed
     request: the failure is recorded in the result, so one bad request cannot stop a run."""
     result = RequestResult(prompt_tokens=prompt_len)
     start = time.perf_counter()
@@ -121,6 +128,8 @@ async def _read_events(resp: httpx.Response, result: RequestResult, start: float
 
 def _has_text(chunk: dict) -> bool:
     for choice in chunk.get("choices") or ():
+        if choice.get("text"):  # /v1/completions
+            return True
         delta = choice.get("delta") or {}
         if any(delta.get(f) for f in _TEXT_FIELDS) or delta.get("tool_calls"):
             return True

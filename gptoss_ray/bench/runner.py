@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import httpx
 from tqdm import tqdm
 
-from gptoss_ray.bench.client import RequestResult, chat_body, send_chat
+from gptoss_ray.bench.client import ENDPOINTS, RequestResult, request_body, send_request
 from gptoss_ray.bench.stats import summarize
 from gptoss_ray.bench.workload import BenchRequest
 
@@ -25,12 +25,20 @@ from gptoss_ray.bench.workload import BenchRequest
 class Target:
     """Where and how to send requests; the same for every load point of a sweep."""
 
-    chat_url: str  # full URL of /v1/chat/completions
+    base_url: str  # ends with /v1
+    endpoint: str  # "chat" or "completions"
     model: str  # the `model` field of each request
     api_key: str | None  # sent as a bearer token when set
     fixed_length: bool  # send min_tokens / ignore_eos so the output length is exact
     extra_body: dict  # merged into every request body last (overrides the above)
     timeout_s: float  # per request, connect to last byte
+
+    @property
+    def url(self) -> str:
+        return self.base_url + ENDPOINTS[self.endpoint]
+
+    def body(self, req: BenchRequest) -> dict:
+        return request_body(self.endpoint, self.model, req, self.fixed_length, self.extra_body)
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,7 @@ async def run_load_point(
 
         async def one(req: BenchRequest) -> RequestResult:
             async with gate:
-                body = chat_body(target.model, req, target.fixed_length, target.extra_body)
-                result = await send_chat(client, target.chat_url, body, req.prompt_len)
+                result = await send_request(client, target.url, target.body(req), req.prompt_len)
             bar.update(1)
             return result
 
@@ -83,10 +90,7 @@ async def warm_up(target: Target, requests: list[BenchRequest]) -> list[RequestR
     """Send `requests` one at a time and drop the timings: first-request costs (lazy
     loading, compilation, allocator growth) are not what a load point measures."""
     async with make_client(target, 1) as client:
-        return [
-            await send_chat(client, target.chat_url, chat_body(target.model, r, target.fixed_length, target.extra_body), r.prompt_len)
-            for r in requests
-        ]
+        return [await send_request(client, target.url, target.body(r), r.prompt_len) for r in requests]
 
 
 async def fetch_first_model(base_url: str, api_key: str | None, timeout_s: float) -> str | None:

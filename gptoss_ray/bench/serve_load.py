@@ -3,12 +3,19 @@
     gptoss-ray bench --base-url http://127.0.0.1:8000/v1 --concurrency 1,4,16 \\
         --num-requests 64 --input-len 128 --output-len 64 --output out.json --plot out.png
 
-Each load point sends the same workload (streamed chat completions) and reports time to
+Each load point sends the same workload (streamed chat completions, or raw-text
+completions with --endpoint completions) and reports time to
 first token, inter-token latency, time per output token and end-to-end latency (mean,
 p50, p90, p99), output tokens/s, requests/s and failures by status code. The JSON holds
 `runs` (one entry per load point) and, at the top level, the metrics of the last (the
 heaviest) load point with `errors` summed over all of them. Modelled on vLLM's
 benchmark_serving, with the same metric names where they overlap.
+
+TTFT is the arrival of the first chunk that carries text. A gpt-oss chat server sends
+nothing while the model writes its harmony header (`<|channel|>final<|message|>`, a few
+tokens with real weights); random-weight demo checkpoints never write one, so their chat
+TTFT includes however long the server's parser waits before giving up. Raw completions
+(--endpoint completions) have no header: use them to time a random-weight model.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-len", type=int, default=128, help="synthetic prompt length in words ~ tokens")
     parser.add_argument("--output-len", type=int, default=None,
                         help=f"max_tokens per request (default {_DEFAULT_OUTPUT_LEN}; with --dataset: the reply's length)")
+    parser.add_argument("--endpoint", choices=("chat", "completions"), default="chat",
+                        help="chat: /chat/completions (default); completions: raw-text /completions, no chat template")
     parser.add_argument("--dataset", default=None, help="ShareGPT-style JSON file instead of synthetic prompts")
     parser.add_argument("--no-fixed-length", dest="fixed_length", action="store_false",
                         help="do not send min_tokens / ignore_eos (for servers that reject them)")
@@ -80,17 +89,17 @@ def run(args: argparse.Namespace) -> int:
 
 async def _run_sweep(args, base_url: str, extra_body: dict, requests: list[BenchRequest], points) -> dict:
     model = args.model or await _discover_model(base_url, args.api_key, args.timeout)
-    target = Target(f"{base_url}/chat/completions", model, args.api_key, args.fixed_length, extra_body, args.timeout)
+    target = Target(base_url, args.endpoint, model, args.api_key, args.fixed_length, extra_body, args.timeout)
     if args.warmup:
         # Prompts of their own (another seed): a prefix cache must not get a head start on the workload.
         warm = synthetic_requests(args.warmup, args.input_len, requests[0].output_len, args.seed + 1)
         failed = [r.error for r in await warm_up(target, warm) if not r.ok]
         if len(failed) == args.warmup:
             hint = "; try --no-fixed-length" if failed[0] == "400" and args.fixed_length else "; is the server up?"
-            raise GptOssError(f"every warm-up request to {target.chat_url} failed ({failed[0]}){hint}")
+            raise GptOssError(f"every warm-up request to {target.url} failed ({failed[0]}){hint}")
     runs = [await run_load_point(target, p, requests, args.progress) for p in points]
     config = {
-        "base_url": base_url, "model": model, "num_requests": args.num_requests, "input_len": args.input_len,
+        "base_url": base_url, "endpoint": args.endpoint, "model": model, "num_requests": args.num_requests, "input_len": args.input_len,
         "output_len": args.output_len, "dataset": args.dataset, "fixed_length": args.fixed_length,
         "warmup": args.warmup, "seed": args.seed,
     }
