@@ -122,3 +122,12 @@ def test_sink_takes_mass():
 @pytest.mark.parametrize("window", [None, 8])
 def test_bfloat16(window):
     check([5, 1, 20], [13, 40, 30], window=window, dtype=torch.bfloat16, seed=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 128])
+def test_gpt_oss_shapes_on_gpu(dtype, window):
+    """64 query / 8 kv heads, head dim 64, 16-token blocks; decodes beside a chunked prefill."""
+    check([1, 1, 300, 1], [1, 700, 500, 129], num_q_heads=64, num_kv_heads=8, head_dim=64, block_size=16,
+          window=window, dtype=dtype, seed=6)

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from gptoss_ray.model.attention import allocate_kv_cache, contiguous_metadata  # noqa: E402
 from gptoss_ray.model.loader import load_model  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 4
 PROMPT_LENS = [13, 10]  # both longer than the tiny presets' window of 8
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -26,22 +27,22 @@ def prefill_then_decode(model) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Hidden states of the prefill [sum(PROMPT_LENS), H] and of one decode step [2, H]."""
     max_blocks = max(PROMPT_LENS) // BLOCK + 2
     n = max_blocks * len(PROMPT_LENS)
-    kv = allocate_kv_cache(model.config, {"full_attention": n, "sliding_attention": n}, BLOCK, model.dtype)
+    kv = allocate_kv_cache(model.config, {"full_attention": n, "sliding_attention": n}, BLOCK, model.dtype, DEVICE)
     gen = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 200_000, (sum(PROMPT_LENS),), generator=gen)
-    pos = torch.cat([torch.arange(p) for p in PROMPT_LENS])
-    meta = contiguous_metadata(PROMPT_LENS, PROMPT_LENS, BLOCK, max_blocks)
+    ids = torch.randint(0, 200_000, (sum(PROMPT_LENS),), generator=gen).to(DEVICE)
+    pos = torch.cat([torch.arange(p) for p in PROMPT_LENS]).to(DEVICE)
+    meta = contiguous_metadata(PROMPT_LENS, PROMPT_LENS, BLOCK, max_blocks, DEVICE)
     prefill = model(ids, pos, meta, kv)
-    next_ids = torch.randint(0, 200_000, (len(PROMPT_LENS),), generator=gen)
+    next_ids = torch.randint(0, 200_000, (len(PROMPT_LENS),), generator=gen).to(DEVICE)
     ctx = [p + 1 for p in PROMPT_LENS]
-    meta = contiguous_metadata([1] * len(PROMPT_LENS), ctx, BLOCK, max_blocks)
-    decode = model(next_ids, torch.tensor(PROMPT_LENS), meta, kv)
+    meta = contiguous_metadata([1] * len(PROMPT_LENS), ctx, BLOCK, max_blocks, DEVICE)
+    decode = model(next_ids, torch.tensor(PROMPT_LENS, device=DEVICE), meta, kv)
     return prefill, decode, kv
 
 
 @pytest.mark.parametrize("ckpt", ["tiny_ckpt", "tiny_odd_ckpt"])
 def test_forward_with_triton_kernels_equals_reference(ckpt, request, monkeypatch):
-    model = load_model(request.getfixturevalue(ckpt))
+    model = load_model(request.getfixturevalue(ckpt), device=DEVICE)
     monkeypatch.setenv("GPTOSS_KERNELS", "reference")
     ref = prefill_then_decode(model)
     monkeypatch.setenv("GPTOSS_KERNELS", "triton")

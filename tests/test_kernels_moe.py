@@ -104,3 +104,25 @@ def test_clamped_swiglu_with_custom_alpha_and_limit():
     out = check(x.to(DEVICE), ids.to(DEVICE), torch.rand(20, generator=gen).to(DEVICE), w, torch.float32, **kw)
     default = moe_experts_ref(x.to(DEVICE), ids.to(DEVICE), torch.ones(20, device=DEVICE), w)
     assert not torch.allclose(out, default)  # the custom values changed the result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 200])
+def test_gpt_oss_shapes_on_gpu(dtype, tokens):
+    """gpt-oss-20b's expert shapes (32 experts, H = I = 2880: not a multiple of the 64-deep
+    K tiles) through the compiled kernels, decode and prefill sized."""
+    gen = torch.Generator().manual_seed(5)
+    num_experts, hidden = 32, 2880
+    u8 = dict(dtype=torch.uint8, generator=gen)
+    w = to_device(ExpertWeights(  # random codes (quantize_mxfp4 on 800M weights would be slow)
+        gate_up_bias=torch.randn(num_experts, 2 * hidden, generator=gen).to(dtype),
+        down_bias=torch.randn(num_experts, hidden, generator=gen).to(dtype),
+        gate_up_blocks=torch.randint(0, 256, (num_experts, 2 * hidden, hidden // 32, 16), **u8),
+        gate_up_scales=torch.randint(118, 124, (num_experts, 2 * hidden, hidden // 32), **u8),
+        down_blocks=torch.randint(0, 256, (num_experts, hidden, hidden // 32, 16), **u8),
+        down_scales=torch.randint(118, 124, (num_experts, hidden, hidden // 32), **u8),
+    ))
+    ids = torch.topk(torch.randn(tokens, num_experts, generator=gen), 4).indices.reshape(-1)
+    x = torch.randn(4 * tokens, hidden, generator=gen).to(dtype)
+    check(x.to(DEVICE), ids.to(DEVICE), torch.rand(4 * tokens, generator=gen).to(DEVICE), w, dtype)
