@@ -10,6 +10,7 @@ corrupted install fails with one clear error instead of a garbled tokenizer.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import hashlib
 import logging
@@ -70,3 +71,31 @@ def decode(token_ids: Sequence[int]) -> str:
 def stop_token_ids() -> tuple[int, ...]:
     """Tokens that end an assistant turn: <|return|> (final answer) and <|call|> (tool call)."""
     return tuple(get_encoding().stop_tokens_for_assistant_actions())
+
+
+def token_bytes(token_id: int) -> bytes:
+    """The raw bytes of one token (a token may hold part of a UTF-8 character)."""
+    # surrogateescape maps each invalid byte to a lone surrogate and back, losslessly
+    return get_encoding().decode([token_id], errors="surrogateescape").encode("utf-8", "surrogateescape")
+
+
+class IncrementalDecoder:
+    """Token ids in, text out, never splitting a UTF-8 character across two pieces.
+
+    Linear in the output length (each token is decoded once), unlike re-decoding the
+    whole output per step. `skip_special` drops harmony's control tokens (<|start|>, ...)."""
+
+    def __init__(self, skip_special: bool = False):
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._skip_special = skip_special
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        enc = get_encoding()
+        data = b"".join(
+            token_bytes(t) for t in token_ids if not (self._skip_special and enc.is_special_token(t))
+        )
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        """What is left at the end (an incomplete character becomes U+FFFD)."""
+        return self._utf8.decode(b"", final=True)

@@ -25,11 +25,12 @@ from typing import Literal
 
 from openai_harmony import Role, StreamableParser, StreamState
 
-from gptoss_ray.harmony.encoding import get_encoding, stop_token_ids
+from gptoss_ray.harmony.encoding import IncrementalDecoder, get_encoding, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
 START_TOKEN = 200006  # <|start|>
+CHANNELS = ("analysis", "commentary", "final")
 # A header longer than this with no special token is not a header: the model is
 # writing plain text, which we hand back as content instead of waiting for EOS.
 MAX_HEADER_TOKENS = 32
@@ -54,7 +55,7 @@ class ToolCall:
 
 
 @dataclass
-class _StopFilter:
+class StopFilter:
     """Holds back text that could begin a stop string; cuts at a complete one."""
 
     stops: Sequence[str]
@@ -105,10 +106,9 @@ class HarmonyStreamParser:
         self._enc = get_encoding()
         self._parser: StreamableParser | None = StreamableParser(self._enc, Role.ASSISTANT, strict=False)
         self._header: list[int] = []  # tokens of the header being parsed (not yet delivered)
-        self._raw: list[int] = []  # tokens since the grammar broke, shown as content
-        self._raw_sent = 0  # characters of decode(_raw) already delivered
+        self._raw = IncrementalDecoder()  # decodes tokens after the grammar broke, shown as content
         self._in_call = False  # the current message is a tool call
-        self._filters = {k: _StopFilter(list(self.stop)) for k in ("reasoning", "content")}
+        self._filters = {k: StopFilter(list(self.stop)) for k in ("reasoning", "content")}
 
     # --- public -------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class HarmonyStreamParser:
                 self._emit_text("content", self._enc.decode(self._header), deltas)
             self._header = []
         if self._parser is None:
-            self._flush_raw(deltas, final=True)
+            self._flush_raw(deltas)
         for kind, filt in self._filters.items():
             tail = filt.flush()
             if tail:
@@ -150,7 +150,8 @@ class HarmonyStreamParser:
     def _feed_parser(self, token: int, deltas: list[Delta]) -> None:
         parser = self._parser
         assert parser is not None
-        was_analysis = parser.state == StreamState.CONTENT and parser.current_channel == "analysis"
+        before = parser.state
+        was_analysis = before == StreamState.CONTENT and parser.current_channel == "analysis"
         try:
             parser.process(token)
         except Exception as e:  # HarmonyError: the token breaks the grammar
@@ -166,11 +167,13 @@ class HarmonyStreamParser:
                 self._malformed("output is plain text without a harmony header")
                 self._enter_raw(self._header, deltas)
             return
-        if state == StreamState.CONTENT and self._header:  # a header just completed
-            self._header = []
-            self._start_message(parser, deltas)
+        if state == StreamState.CONTENT and before != StreamState.CONTENT:  # a header just completed
+            header, self._header = self._header, []
+            self._start_message(parser, header, deltas)
             return
         if state == StreamState.EXPECT_START:
+            if before == StreamState.HEADER:  # a stop token ended a header: what came was not one
+                self._header_as_content(self._header, deltas)
             self._in_call = False
             self._header = []
             return
@@ -183,8 +186,15 @@ class HarmonyStreamParser:
                 kind = "reasoning" if parser.current_channel == "analysis" else "content"
                 self._emit_text(kind, piece, deltas)
 
-    def _start_message(self, parser: StreamableParser, deltas: list[Delta]) -> None:
-        recipient = parser.current_recipient
+    def _start_message(self, parser: StreamableParser, header: list[int], deltas: list[Delta]) -> None:
+        recipient, channel = parser.current_recipient, parser.current_channel
+        header_text = self._enc.decode(header)
+        # harmony's header parser is lenient: stray words become a recipient or content
+        # type. A real header names a channel, and a recipient only after "to=".
+        if channel not in CHANNELS or (recipient and f"to={recipient}" not in header_text):
+            self._header_as_content(header, deltas)
+            self._parser, self._in_call, self._raw = None, False, IncrementalDecoder()
+            return
         self._in_call = bool(recipient)
         if recipient:
             name = recipient.removeprefix("functions.")
@@ -194,39 +204,41 @@ class HarmonyStreamParser:
 
     # --- fallback path ------------------------------------------------------------
 
+    def _header_as_content(self, header: list[int], deltas: list[Delta]) -> None:
+        """A header that is not one: its words (without the role) are what the model said."""
+        words = self._enc.decode([t for t in header if not self._enc.is_special_token(t)])
+        words = words.strip().removeprefix("assistant").strip()
+        if words:
+            self._malformed(f"invalid harmony header {self._enc.decode(header)!r}")
+            self._emit_text("content", words, deltas)
+
     def _malformed(self, why: str) -> None:
         self.malformed = True
         logger.warning("%s; returning the generated text as content", why)
 
     def _enter_raw(self, tokens: list[int], deltas: list[Delta]) -> None:
         self._parser, self._header, self._in_call = None, [], False
-        self._raw, self._raw_sent = [], 0
+        self._raw = IncrementalDecoder()
         for t in tokens:
             self._feed_raw(t, deltas)
 
     def _feed_raw(self, token: int, deltas: list[Delta]) -> None:
         if token == START_TOKEN:  # the model may be back on track: resume parsing
-            self._flush_raw(deltas, final=True)
+            self._flush_raw(deltas)
             self._parser = StreamableParser(self._enc, None, strict=False)
             self._feed_parser(token, deltas)
             return
         if token not in stop_token_ids():
-            self._raw.append(token)
-            self._flush_raw(deltas, final=False)
+            self._emit_text("content", self._raw.push([token]), deltas)
 
-    def _flush_raw(self, deltas: list[Delta], final: bool) -> None:
-        text = self._enc.decode(self._raw)
-        if not final:  # an incomplete UTF-8 sequence decodes to U+FFFD until its last byte comes
-            text = text.rstrip("\ufffd")
-        if len(text) > self._raw_sent:
-            self._emit_text("content", text[self._raw_sent:], deltas)
-            self._raw_sent = len(text)
-        if final:
-            self._raw, self._raw_sent = [], 0
+    def _flush_raw(self, deltas: list[Delta]) -> None:
+        self._emit_text("content", self._raw.flush(), deltas)
 
     # --- text plumbing ------------------------------------------------------------
 
     def _emit_text(self, kind: Literal["reasoning", "content"], piece: str, deltas: list[Delta]) -> None:
+        if not piece:
+            return
         out = self._filters[kind].push(piece)
         if out:
             deltas.append(Delta(kind, out))

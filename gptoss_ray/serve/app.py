@@ -1,0 +1,44 @@
+"""`build_app(args)`: the Serve application (OpenAIIngress -> LLMServer).
+
+Usable from a Serve config YAML:
+
+    applications:
+      - name: gptoss
+        route_prefix: /
+        import_path: gptoss_ray.serve:build_app
+        args: {model: openai/gpt-oss-120b, ep_size: 2, api_key_file: /secrets/key}
+
+`args` are ServeConfig fields; EngineConfig fields may sit at top level or under `engine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from gptoss_ray.serve.config import ServeConfig
+from gptoss_ray.serve.ingress import OpenAIIngress
+from gptoss_ray.serve.llm_server import LLMServerReplica
+
+
+def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
+    config = args if isinstance(args, ServeConfig) else ServeConfig.from_args(args or {})
+    server = serve.deployment(
+        LLMServerReplica,
+        name="LLMServer",
+        num_replicas=config.num_replicas,
+        ray_actor_options={"num_cpus": config.server_num_cpus},
+        # the engine batches continuously: let it see every admitted request
+        max_ongoing_requests=config.max_inflight + 16,
+        health_check_period_s=10,
+        health_check_timeout_s=max(30.0, config.engine.step_timeout_s),
+    ).bind(config.engine.model_dump(), config.engine_cls)
+    ingress = serve.deployment(
+        OpenAIIngress,
+        name="OpenAIIngress",
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=config.max_inflight + 64,  # our own 429 answers before Serve's queue does
+    ).bind(server, config.model_dump())
+    return ingress

@@ -1,0 +1,74 @@
+"""`gptoss-ray serve`: start a local Ray cluster and the OpenAI-compatible app; block.
+
+No `--model`: the built-in tiny demo checkpoint (written on first run to a cache dir).
+The API key comes from --api-key, --api-key-file or $GPTOSS_RAY_API_KEY (in that order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from gptoss_ray.serve.config import API_KEY_ENV, ServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the tiny demo)")
+    parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: from --model)")
+    parser.add_argument("--ep-size", type=int, default=1, help="expert-parallel workers per model instance")
+    parser.add_argument("--num-replicas", type=int, default=1, help="model instances")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="most sequences running at once")
+    parser.add_argument("--worker-num-cpus", type=float, default=None, help="logical CPUs per worker actor")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None, help=f"require this bearer key (or set ${API_KEY_ENV})")
+    parser.add_argument("--api-key-file", default=None, help="read the bearer key from this file")
+    parser.add_argument("--engine-cls", default=None, help="module:Class of the engine (testing)")
+    parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray cluster")
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    engine = {"model": args.model, "ep_size": args.ep_size, "dtype": args.dtype, "device": args.device}
+    for name in ("max_model_len", "max_num_seqs", "worker_num_cpus"):
+        if getattr(args, name) is not None:
+            engine[name] = getattr(args, name)
+    serve_args = {"engine": engine, "served_model_name": args.served_model_name, "api_key": args.api_key,
+                  "api_key_file": args.api_key_file, "num_replicas": args.num_replicas,
+                  "host": args.host, "port": args.port}
+    if args.engine_cls:
+        serve_args["engine_cls"] = args.engine_cls
+    return ServeConfig.from_args(serve_args)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    import ray
+    from ray import serve
+
+    from gptoss_ray.serve.app import build_app
+
+    init = {"include_dashboard": False}
+    if args.num_cpus is not None:
+        init["num_cpus"] = args.num_cpus
+    ray.init(**init)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.run(build_app(config), name="gptoss", route_prefix="/")
+        auth = "API key required" if config.api_key else "no API key"
+        print(f"gptoss-ray: serving '{config.model_name}' at http://{config.host}:{config.port}/v1 ({auth}); "
+              "Ctrl-C stops", flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

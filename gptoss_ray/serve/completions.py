@@ -1,0 +1,169 @@
+"""POST /v1/completions: raw text or token ids in, raw text out (no harmony parsing).
+
+A batch of prompts becomes one engine request per prompt, run concurrently; choice
+`i * n + j` is sample j of prompt i, as OpenAI numbers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from gptoss_ray.harmony.encoding import IncrementalDecoder, decode
+from gptoss_ray.harmony.parse import StopFilter
+from gptoss_ray.harmony.render import encode_text
+from gptoss_ray.sampling_params import SamplingParams, TokenDelta
+from gptoss_ray.serve.engine_client import ServingContext
+from gptoss_ray.serve.errors import OpenAIError, sse_error
+from gptoss_ray.serve.protocol import CompletionRequest
+from gptoss_ray.serve.sampling import build_sampling_params, completion_logprobs, usage
+
+MAX_BATCH = 64
+VOCAB_LIMIT = 201088
+
+
+@dataclass
+class _Choice:
+    decoder: IncrementalDecoder
+    stop: StopFilter
+    text: str = ""
+    num_tokens: int = 0
+    text_offset: int = 0  # where the next token's text starts (OpenAI's logprobs.text_offset)
+    finish_reason: str | None = None
+    logprobs: dict[str, list] = field(default_factory=lambda: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+
+    def push(self, delta: TokenDelta, top: int | None) -> tuple[str, dict | None]:
+        self.num_tokens += len(delta.token_ids)
+        piece = self.stop.push(self.decoder.push(delta.token_ids))
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+            piece += self.stop.push(self.decoder.flush()) + self.stop.flush()
+        lp = None
+        if top is not None and delta.logprobs:
+            lp = completion_logprobs(delta.token_ids, delta.logprobs, top, self.text_offset)
+            self.text_offset += sum(len(t) for t in lp["tokens"])
+            for key, values in lp.items():
+                self.logprobs[key] += values
+        self.text += piece
+        return piece, lp
+
+    def openai_finish_reason(self) -> str:
+        return "length" if self.finish_reason == "length" and not self.stop.hit else "stop"
+
+
+def _prompts(req: CompletionRequest) -> list[list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [encode_text(p)]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]
+    elif p and all(isinstance(x, str) for x in p):
+        prompts = [encode_text(x) for x in p]
+    else:
+        prompts = [list(x) for x in p]
+    if not prompts or any(not x for x in prompts):
+        raise OpenAIError(400, "prompt must not be empty", param="prompt")
+    if len(prompts) > MAX_BATCH:
+        raise OpenAIError(400, f"at most {MAX_BATCH} prompts per request", param="prompt")
+    if any(t < 0 or t >= VOCAB_LIMIT for x in prompts for t in x):
+        raise OpenAIError(400, f"prompt token ids must be in [0, {VOCAB_LIMIT})", param="prompt")
+    return prompts
+
+
+async def create_completion(ctx: ServingContext, req: CompletionRequest) -> Any:
+    ctx.check_model(req.model)
+    if req.suffix:
+        raise OpenAIError(400, "suffix is not supported", param="suffix")
+    prompts = _prompts(req)
+    max_len = await ctx.max_model_len()
+    params = [build_sampling_params(req, len(p), max_len, req.max_tokens, req.logprobs, [], "prompt") for p in prompts]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    n = params[0].n
+    choices = [_Choice(IncrementalDecoder(skip_special=req.skip_special_tokens), StopFilter(params[0].stop))
+               for _ in range(len(prompts) * n)]
+    if req.echo:
+        for i, p in enumerate(prompts):
+            for j in range(n):
+                choices[i * n + j].text = decode(p)
+                choices[i * n + j].text_offset = len(choices[i * n + j].text)
+    if req.stream:
+        ctx.check_capacity()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(ctx, request_id, prompts, params, choices, req, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    with ctx.admitted():
+        num_prompt, _ = await _drain(ctx, request_id, prompts, params, choices, req.logprobs, None)
+    body = {
+        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
+        "choices": [{"index": k, "text": c.text, "finish_reason": c.openai_finish_reason(),
+                     "logprobs": c.logprobs if req.logprobs is not None else None} for k, c in enumerate(choices)],
+        "usage": usage(num_prompt, choices),
+    }
+    return JSONResponse(body)
+
+
+async def _drain(ctx: ServingContext, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+                 choices: list[_Choice], top: int | None, queue: asyncio.Queue | None) -> tuple[int, int]:
+    """Run every prompt's request; put (choice index, text, logprobs) on `queue` when streaming."""
+    counts = [len(p) for p in prompts]
+    n = params[0].n
+
+    async def one(i: int) -> None:
+        async for delta in ctx.generate(f"{request_id}-{i}", prompts[i], params[i]):
+            counts[i] = delta.num_prompt_tokens or counts[i]
+            k = i * n + delta.index
+            piece, lp = choices[k].push(delta, top)
+            if queue is not None and (piece or lp or delta.finished):
+                await queue.put((k, piece, lp, choices[k].openai_finish_reason() if delta.finished else None))
+
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:  # one failed or we were cancelled: stop (and thereby abort) the others
+            t.cancel()
+    return sum(counts), 0
+
+
+async def _stream(ctx: ServingContext, request_id: str, prompts, params, choices: list[_Choice],
+                  req: CompletionRequest, include_usage: bool) -> AsyncIterator[str]:
+    created, model = int(time.time()), ctx.model_name
+
+    def chunk(k: int, text: str, finish: str | None, lp: dict | None) -> str:
+        body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": k, "text": text, "finish_reason": finish, "logprobs": lp}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    queue: asyncio.Queue = asyncio.Queue()
+    try:
+        with ctx.admitted():
+            if req.echo:
+                for k, c in enumerate(choices):
+                    yield chunk(k, c.text, None, None)
+            runner = asyncio.ensure_future(_drain(ctx, request_id, prompts, params, choices, req.logprobs, queue))
+            try:
+                while not (runner.done() and queue.empty()):
+                    getter = asyncio.ensure_future(queue.get())
+                    await asyncio.wait([getter, runner], return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        k, piece, lp, finish = getter.result()
+                        yield chunk(k, piece, finish, lp)
+                    else:
+                        getter.cancel()
+                num_prompt, _ = runner.result()
+            finally:
+                runner.cancel()
+        if include_usage:
+            body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [], "usage": usage(num_prompt, choices)}
+            yield f"data: {json.dumps(body)}\n\n"
+    except Exception as e:
+        yield sse_error(e)
+    yield "data: [DONE]\n\n"

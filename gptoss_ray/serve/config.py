@@ -1,0 +1,93 @@
+"""ServeConfig: what a user sets for the OpenAI-compatible app (CLI flags, Serve YAML
+`args`, Helm values). It embeds the EngineConfig of the model instance behind it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gptoss_ray.config import EngineConfig
+from gptoss_ray.errors import ConfigError
+
+DEFAULT_ENGINE_CLS = "gptoss_ray.engine.async_engine:AsyncLLMEngine"
+API_KEY_ENV = "GPTOSS_RAY_API_KEY"
+DEMO_MODEL_NAME = "gpt-oss-tiny-demo"
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The model instance behind the API.")
+    engine_cls: str = Field(
+        DEFAULT_ENGINE_CLS,
+        description="`module:Class` of the engine the LLMServer builds from `engine` (tests inject a scripted one).",
+    )
+    served_model_name: str | None = Field(
+        None, description="The `model` clients send; default: the checkpoint's name or hub id."
+    )
+    api_key: str | None = Field(
+        None, description=f"Bearer key every route but /health requires; default: ${API_KEY_ENV}, else none."
+    )
+    api_key_file: str | None = Field(None, description="Read the API key from this file (first line).")
+    max_queued_requests: int = Field(
+        256, ge=0, description="Requests admitted beyond engine.max_num_seqs before answering 429 with Retry-After."
+    )
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    default_reasoning_effort: Literal["low", "medium", "high"] = Field(
+        "medium", description="reasoning_effort of requests that do not set it."
+    )
+    num_replicas: int = Field(1, ge=1, description="Model instances (LLMServer replicas), each with ep_size workers.")
+    ingress_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs of each ingress replica.")
+    server_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs of each LLMServer replica (the engine loop).")
+    health_timeout_s: float = Field(10.0, gt=0, description="/health answers 503 when the engine takes longer.")
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy.")
+
+    @model_validator(mode="after")
+    def _resolve_key(self) -> ServeConfig:
+        key = self.api_key
+        if key is None and self.api_key_file:
+            path = Path(self.api_key_file).expanduser()
+            try:
+                key = path.read_text().splitlines()[0].strip() if path.stat().st_size else ""
+            except OSError as e:
+                raise ValueError(f"api_key_file {path}: {e.strerror}") from None
+            if not key:
+                raise ValueError(f"api_key_file {path} is empty")
+        if key is None:
+            key = os.environ.get(API_KEY_ENV) or None
+        object.__setattr__(self, "api_key", key)
+        return self
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        if not self.engine.model:
+            return DEMO_MODEL_NAME
+        model = self.engine.model.rstrip("/")
+        return model if not Path(model).exists() else Path(model).name
+
+    @property
+    def max_inflight(self) -> int:
+        return self.engine.max_num_seqs + self.max_queued_requests
+
+    @classmethod
+    def from_args(cls, args: dict) -> ServeConfig:
+        """From a Serve YAML's `args` (engine fields may sit at top level or under `engine`)."""
+        from pydantic import ValidationError
+
+        args = dict(args or {})
+        engine = dict(args.pop("engine", None) or {})
+        for name in EngineConfig.model_fields:
+            if name in args:
+                engine[name] = args.pop(name)
+        try:
+            return cls.model_validate({**args, "engine": engine})
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(x) for x in err["loc"]) or "(config)"
+            raise ConfigError(f"serve config: field '{field}': {err['msg'].removeprefix('Value error, ')}") from None

@@ -1,0 +1,161 @@
+"""How the ingress talks to an LLMServer: through a Serve handle, or in-process (tests).
+
+Both clients offer the same async methods, so the request handlers are written once.
+`ServingContext` is what every handler receives: the client, the config, the metrics,
+the admission counter and the model's context length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from gptoss_ray.metrics import ServingMetrics
+from gptoss_ray.sampling_params import SamplingParams, TokenDelta
+from gptoss_ray.serve.config import ServeConfig
+from gptoss_ray.serve.errors import OpenAIError
+
+logger = logging.getLogger(__name__)
+
+
+class HandleClient:
+    """An LLMServer deployment behind a Serve DeploymentHandle."""
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        stream = self._handle.options(stream=True).generate.remote(request_id, prompt, params)
+        done = False
+        try:
+            async for delta in stream:
+                yield delta
+            done = True
+        finally:
+            if not done:  # propagate our cancellation to the replica's generator
+                stream.cancel()
+
+    async def abort(self, request_id: str) -> None:
+        await self._handle.abort.remote(request_id)
+
+    async def stats(self) -> dict:
+        return await self._handle.stats.remote()
+
+    async def info(self) -> dict:
+        return await self._handle.info.remote()
+
+    async def check_health(self) -> None:
+        await self._handle.check_health.remote()
+
+
+class LocalClient:
+    """An LLMServer object in this process (ASGI tests, schemathesis)."""
+
+    def __init__(self, server: Any):
+        self._server = server
+
+    def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        return self._server.generate(request_id, prompt, params)
+
+    async def abort(self, request_id: str) -> None:
+        await self._server.abort(request_id)
+
+    async def stats(self) -> dict:
+        return self._server.stats()
+
+    async def info(self) -> dict:
+        return self._server.info()
+
+    async def check_health(self) -> None:
+        await self._server.check_health()
+
+
+@dataclass
+class ServingContext:
+    config: ServeConfig
+    client: Any  # HandleClient | LocalClient
+    metrics: ServingMetrics
+    inflight: int = 0  # generation requests admitted and not finished
+    _max_model_len: int | None = None
+    _background: set = field(default_factory=set)  # abort tasks fired from cancelled requests
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise OpenAIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                              param="model", code="model_not_found")
+
+    async def max_model_len(self) -> int:
+        if self._max_model_len is None:
+            self._max_model_len = int((await self.client.info())["max_model_len"])
+        return self._max_model_len
+
+    def check_capacity(self) -> None:
+        """Bounded queue: beyond max_num_seqs + max_queued_requests in flight, answer 429."""
+        if self.inflight >= self.config.max_inflight:
+            self.metrics.labels(self.metrics.rejected).inc()
+            raise OpenAIError(429, f"server is at capacity ({self.inflight} requests in flight); retry shortly",
+                              code="queue_full", headers={"Retry-After": "1"})
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count the request as in flight while the block runs (after a capacity check)."""
+        self.check_capacity()
+        self.inflight += 1
+        self.metrics.labels(self.metrics.inflight).set(self.inflight)
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self.metrics.labels(self.metrics.inflight).set(self.inflight)
+
+    def abort_later(self, request_id: str) -> None:
+        """Fire an abort from a cancelled request (it cannot await any more)."""
+        async def _abort() -> None:
+            try:
+                await self.client.abort(request_id)
+            except Exception:
+                logger.warning("abort of %s failed", request_id, exc_info=True)
+
+        task = asyncio.get_running_loop().create_task(_abort())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        """The engine's deltas with metrics observed; engine errors raised; aborted if we stop early."""
+        start = last = time.monotonic()
+        first = True
+        finished: set[int] = set()
+        try:
+            async for delta in self.client.generate(request_id, prompt, params):
+                now = time.monotonic()
+                if delta.token_ids:
+                    if first:
+                        self.metrics.observe_first_token(now - start)
+                    self.metrics.observe_tokens(len(delta.token_ids), None if first else now - last)
+                    first, last = False, now
+                if delta.finished:
+                    finished.add(delta.index)
+                    self.metrics.observe_finished(delta.finish_reason or "stop", now - start,
+                                                  delta.num_prompt_tokens if len(finished) == 1 else 0)
+                    if delta.finish_reason == "error":
+                        raise OpenAIError(500, f"engine error: {delta.error or 'unknown'}", code="engine_error")
+                    if delta.finish_reason == "abort":
+                        raise OpenAIError(503, "the request was aborted by the server", code="aborted")
+                yield delta
+        except (OpenAIError, GeneratorExit, asyncio.CancelledError):
+            if len(finished) < params.n:
+                self.abort_later(request_id)
+            raise
+        except Exception as e:  # Ray errors: replica died, actor unavailable
+            logger.exception("engine call for %s failed", request_id)
+            self.abort_later(request_id)
+            raise OpenAIError(503, f"the engine is unavailable ({type(e).__name__})", code="engine_unavailable") from None
