@@ -24,7 +24,8 @@ from gptoss_ray.config import EngineConfig, ModelConfig
 from gptoss_ray.engine.executor import Executor
 from gptoss_ray.engine.plan import StepPlan, StepResult
 from gptoss_ray.engine.worker import Worker, WorkerConfig
-from gptoss_ray.parallel.worker_group import StepStats, WorkerGroup, WorkerGroupConfig, WorkerGroupError
+from gptoss_ray.parallel.errors import WorkerGroupError
+from gptoss_ray.parallel.worker_group import StepStats, WorkerGroup, WorkerGroupConfig
 
 logger = logging.getLogger(__name__)
 

@@ -30,6 +30,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from gptoss_ray.parallel.errors import WorkerGroupError
 from gptoss_ray.parallel.placement import ExpertPlacement
 from gptoss_ray.parallel.rank import RankActor, RankStepOutput
 
@@ -44,11 +45,6 @@ def _describe(e: BaseException) -> str:
     cause = getattr(e, "cause", None) or e  # RayTaskError wraps the worker's exception
     lines = [line for line in str(cause).splitlines() if line.strip()]
     return f"{type(cause).__name__}: {lines[-1] if lines else 'no message'}"[:300]
-
-
-class WorkerGroupError(RuntimeError):
-    """A worker died, hung past the step timeout, or failed a step. Every sequence on
-    the workers is lost; the group has been torn down and is rebuilt on next use."""
 
 
 @dataclass(frozen=True)
