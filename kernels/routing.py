@@ -48,7 +48,9 @@ def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> ExpertSort:
     Ids outside [0, num_experts) are not allowed (they would corrupt the offsets)."""
     expert_ids = expert_ids.reshape(-1)
     order = torch.sort(expert_ids, stable=True).indices  # [N]
-    counts = torch.bincount(expert_ids, minlength=num_experts)[:num_experts]  # [E]
+    # scatter_add rather than bincount: bincount sizes its output from max(ids), a device sync.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    counts.scatter_add_(0, expert_ids.to(torch.int64), torch.ones_like(expert_ids, dtype=torch.int64))  # [E]
     expert_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_ids.device)
     torch.cumsum(counts, 0, out=expert_offsets[1:])
     return ExpertSort(order=order, expert_offsets=expert_offsets, counts=counts)
