@@ -96,9 +96,14 @@ class LLMEngine:
         self._add_seq(req, 0)
 
     def _add_seq(self, req: Request, index: int, rank_hint: int = -1) -> None:
+        p, num_prompt = req.params, len(req.prompt_token_ids)
         seq = Sequence(request_id=req.request_id, token_ids=list(req.prompt_token_ids),
-                       num_prompt_tokens=len(req.prompt_token_ids), params=req.params, index=index,
-                       rank_hint=rank_hint, logprobs=[] if req.params.logprobs is not None else None)
+                       num_prompt_tokens=num_prompt, params=p, index=index, rank_hint=rank_hint,
+                       logprobs=[] if p.logprobs is not None else None,
+                       stop_ids=frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.stops.eos_token_ids),
+                       max_output_tokens=min(p.max_tokens or self.max_model_len, self.max_model_len - num_prompt),
+                       spawn_pending=index == 0 and p.n > 1)
+        seq.fast_path = not (p.stop or seq.logprobs is not None or seq.spawn_pending)
         req.seqs.append(seq)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq, front=index > 0)  # later samples of an old request go first
@@ -159,9 +164,12 @@ class LLMEngine:
         return self._postprocess(scheduled, results)
 
     def _postprocess(self, scheduled: list[tuple[Sequence, int]], results: list[StepResult]) -> list[TokenDelta]:
+        bs = self.worker_config.block_size
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self.kv[seq.rank].register_computed(seq)
+            num_full = seq.num_computed_tokens // bs
+            if num_full > seq.num_registered_blocks:
+                self.kv[seq.rank].register_computed(seq, num_full)
         loads = [r.expert_load for r in results if r.expert_load is not None]
         if loads:  # each rank counts its own tokens' routing over all experts: the sum is the model's
             self.expert_load = [[sum(col) for col in zip(*layers)] for layers in zip(*loads)]
@@ -169,16 +177,30 @@ class LLMEngine:
         for result in results:
             for seq_id, token, lp in zip(result.seq_ids, result.token_ids, result.logprobs):
                 seq = self.seqs.get(seq_id)
-                if seq is not None and not seq.is_finished:
-                    deltas.append(self._append_token(seq, token, lp))
-        return [d for d in deltas if d.token_ids or d.finished]
+                if seq is None:  # aborted since it was scheduled
+                    continue
+                seq.token_ids.append(token)
+                num_out = len(seq.token_ids) - seq.num_prompt_tokens
+                if seq.fast_path and token not in seq.stop_ids and num_out < seq.max_output_tokens:
+                    # The common case, kept lean: nothing ends the sequence, nothing is held back.
+                    seq.num_emitted = num_out
+                    deltas.append(TokenDelta(seq.request_id, seq.index, [token],
+                                             num_prompt_tokens=seq.num_prompt_tokens,
+                                             num_cached_tokens=seq.num_cached_tokens))
+                else:
+                    delta = self._append_token(seq, lp)
+                    if delta.token_ids or delta.finished:
+                        deltas.append(delta)
+        return deltas
 
-    def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> TokenDelta:
-        seq.token_ids.append(token)
+    def _append_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> TokenDelta:
+        """Everything beyond the fast path: logprobs, n>1, stop conditions, held-back tokens."""
         if seq.logprobs is not None:
             seq.logprobs.append(logprobs)
         req = self.requests[seq.request_id]
-        if not req.children_spawned:  # sample 0's prompt is in the cache now: start the others
+        if seq.spawn_pending:  # sample 0's prompt is in the cache now: start the others
+            seq.spawn_pending = False
+            seq.fast_path = not seq.params.stop and seq.logprobs is None
             req.children_spawned = True
             for index in range(req.params.n - 1, 0, -1):
                 self._add_seq(req, index, rank_hint=seq.rank)

@@ -173,6 +173,7 @@ class KVCacheManager:
                     block = self.sliding.lookup(seq.block_hashes[col])
                     self.sliding.acquire(block)
                 self._set(SLIDING, seq, col, block)
+            seq.num_sliding_freed = min(first, num_hit_blocks)
         seq.num_computed_tokens = num_hit_blocks * self.block_size
         seq.num_registered_blocks = num_hit_blocks
         if not seq.admitted_once:
@@ -183,18 +184,15 @@ class KVCacheManager:
 
     def append_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Blocks for the next `num_new_tokens` of a running sequence. Sliding blocks that
-        fell behind the window are recycled first. False (nothing taken) if the pool is short."""
-        end = seq.num_computed_tokens + num_new_tokens
+        fell behind the window are recycled first. False (nothing taken) if the pool is short.
+        Called for every running sequence every step: the common case returns early."""
+        bs = self.block_size
         if self.sliding is not None:
-            table = seq.sliding_table
-            first = min(self._first_needed_block(seq.num_computed_tokens), len(table))
-            for col in range(first - 1, -1, -1):  # newest first, so a tail stays contiguous
-                if table[col] < 0:
-                    break
-                self.sliding.release(table[col])
-                self._set(SLIDING, seq, col, -1)
-        need = self._num_new_blocks(len(seq.block_table), end)
-        if need == 0:
+            first = (seq.num_computed_tokens - self.window + 1) // bs
+            if first > seq.num_sliding_freed:
+                self._recycle_sliding(seq, min(first, len(seq.sliding_table)))
+        need = -(-(seq.num_computed_tokens + num_new_tokens) // bs) - len(seq.block_table)
+        if need <= 0:
             return True
         if need > self.full.num_free or (self.sliding is not None and need > self.sliding.num_free):
             return False
@@ -204,11 +202,14 @@ class KVCacheManager:
                 self._set(SLIDING, seq, len(seq.sliding_table), self.sliding.allocate())
         return True
 
-    def register_computed(self, seq: Sequence) -> None:
-        """Name the blocks this step filled, so later requests can hit them."""
-        num_full = seq.num_computed_tokens // self.block_size
-        if num_full <= seq.num_registered_blocks:
-            return
+    def _recycle_sliding(self, seq: Sequence, upto: int) -> None:
+        for col in range(upto - 1, seq.num_sliding_freed - 1, -1):  # newest first: LRU keeps the tail
+            self.sliding.release(seq.sliding_table[col])
+            self._set(SLIDING, seq, col, -1)
+        seq.num_sliding_freed = upto
+
+    def register_computed(self, seq: Sequence, num_full: int) -> None:
+        """Name the blocks this step filled (the first `num_full`), so later requests can hit them."""
         self._ensure_hashes(seq, num_full)
         for col in range(seq.num_registered_blocks, num_full):
             self.full.register(seq.block_table[col], seq.block_hashes[col])
@@ -226,6 +227,7 @@ class KVCacheManager:
                     self.sliding.release(block)
         seq.block_table = []
         seq.sliding_table = []
+        seq.num_sliding_freed = 0
         seq.num_registered_blocks = 0
 
 

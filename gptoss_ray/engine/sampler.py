@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from gptoss_ray.engine.worker import SeqState
 
 _MASK64 = (1 << 64) - 1
-_EPS = 1e-5  # temperatures below this are greedy (avoids dividing logits by ~0)
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (avoids dividing logits by ~0)
 
 
 def mix_seed(seed: int, sample_index: int, position: int) -> int:
@@ -56,40 +56,40 @@ class SamplingMetadata:
     seeds: list[tuple[int, int]]  # (row, derived seed) of seeded non-greedy rows
     banned: list[tuple[int, list[int]]]  # (row, stop token ids) of rows still under min_tokens
     penalties: Penalties | None
-    num_logprobs: list[int | None]  # [S] top logprobs wanted per row (None = no logprobs)
+    num_logprobs: list[int | None] | None  # [S] top logprobs wanted per row (None = none); None if no row wants them
 
     @classmethod
     def build(cls, states: list[SeqState], vocab_size: int, eos_token_ids: list[int], device) -> SamplingMetadata:
+        greedy_list = [s.greedy for s in states]
+        meta = cls(temperature=None, greedy=None, all_greedy=all(greedy_list), top_k=None, top_p=None, min_p=None,
+                   seeds=[], banned=[], penalties=None, num_logprobs=None)
+        if not meta.all_greedy:
+            meta.temperature = torch.tensor([s.temperature for s in states]).to(device, non_blocking=True)
+            meta.greedy = torch.tensor(greedy_list).to(device, non_blocking=True)
+        if all(s.plain for s in states):  # the common case: nothing but temperature / greedy
+            return meta
         params = [s.params for s in states]
-        greedy_list = [p.temperature < _EPS for p in params]
-        all_greedy = all(greedy_list)
-        temperature = greedy = top_k = top_p = min_p = None
-        seeds: list[tuple[int, int]] = []
-        if not all_greedy:
-            temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy_list)])
+
+        def column(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        if not meta.all_greedy:
             if any(p.top_k > 0 for p in params):
-                top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in params])
+                meta.top_k = column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
             if any(p.top_p < 1.0 for p in params):
-                top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+                meta.top_p = column([p.top_p for p in params], torch.float32)
             if any(p.min_p > 0.0 for p in params):
-                min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
-            seeds = [(i, mix_seed(s.params.seed, s.sample_index, s.num_output_tokens))
-                     for i, (s, g) in enumerate(zip(states, greedy_list)) if s.params.seed is not None and not g]
-        banned = []
+                meta.min_p = column([p.min_p for p in params], torch.float32)
+            meta.seeds = [(i, mix_seed(s.params.seed, s.sample_index, s.num_output_tokens))
+                          for i, s in enumerate(states) if s.params.seed is not None and not s.greedy]
         for i, s in enumerate(states):
             if s.num_output_tokens < s.params.min_tokens:
                 stop_ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids))
-                banned.append((i, stop_ids))
-
-        def to(t):
-            return None if t is None else t.to(device, non_blocking=True)
-
-        return cls(
-            temperature=to(temperature), greedy=to(torch.tensor(greedy_list)), all_greedy=all_greedy,
-            top_k=to(top_k), top_p=to(top_p), min_p=to(min_p), seeds=seeds, banned=banned,
-            penalties=_build_penalties(states, vocab_size, device),
-            num_logprobs=[p.logprobs for p in params],
-        )
+                meta.banned.append((i, stop_ids))
+        meta.penalties = _build_penalties(states, vocab_size, device)
+        if any(p.logprobs is not None for p in params):
+            meta.num_logprobs = [p.logprobs for p in params]
+        return meta
 
 
 def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
@@ -131,7 +131,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()  # [S, V]
-        want_lp = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
+        want_lp = [i for i, k in enumerate(meta.num_logprobs or ()) if k is not None]
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None  # [L, V]
         if meta.penalties is not None:
             logits = _apply_penalties(logits, meta.penalties)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, StepPlan, StepResult
-from gptoss_ray.engine.sampler import Sampler, SamplingMetadata
+from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata
 from gptoss_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ class SeqState:
     params: SamplingParams
     sample_index: int
     row: int  # row in the block-table tensors
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.greedy = p.temperature < GREEDY_BELOW
+        self.temperature = 1.0 if self.greedy else p.temperature  # greedy rows divide by 1 (unused)
+        # Nothing but temperature / greedy: the sampler's fast path.
+        self.plain = (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0 and p.seed is None
+                      and not p.presence_penalty and not p.frequency_penalty and p.repetition_penalty == 1.0
+                      and p.min_tokens == 0 and p.logprobs is None)
 
     @property
     def num_output_tokens(self) -> int:
@@ -134,55 +144,64 @@ class Worker:
         self.block_tables[kind].index_put_((rows.to(self.device), cols.to(self.device)), blocks.to(self.device))
 
     def _run(self, seq_ids: list[int], num_new_tokens: list[int]) -> StepResult:
-        states = [self.seqs[s] for s in seq_ids]
-        input_ids: list[int] = []
-        starts: list[int] = []
-        for st, n in zip(states, num_new_tokens):
+        states, input_ids, starts, sampled = [], [], [], []
+        for i, (seq_id, n) in enumerate(zip(seq_ids, num_new_tokens)):
+            st = self.seqs[seq_id]
             start = st.num_computed_tokens
             input_ids.extend(st.token_ids[start : start + n])
-            starts.append(start)
             st.num_computed_tokens = start + n
+            states.append(st)
+            starts.append(start)
+            if start + n == len(st.token_ids):  # the chunk reached the end: sample the next token
+                sampled.append(i)
         attn, positions, last_rows = self._metadata(states, starts, num_new_tokens)
         ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         hidden = self.model(ids, positions, attn, self.kv_caches)  # [T, H]
-        # Sample only sequences whose chunk reached the end of their known tokens.
-        sampled = [i for i, st in enumerate(states) if st.num_computed_tokens == len(st.token_ids)]
         if not sampled:
             return StepResult()
-        idx = torch.tensor(sampled, dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows[idx]])  # [S, V]
-        sample_states = [states[i] for i in sampled]
-        meta = SamplingMetadata.build(sample_states, self.vocab_size, list(self.config.eos_token_ids), self.device)
+        if len(sampled) < len(states):
+            last_rows = last_rows[torch.tensor(sampled, device=self.device)]
+            states = [states[i] for i in sampled]
+            seq_ids = [seq_ids[i] for i in sampled]
+        logits = self.model.compute_logits(hidden[last_rows])  # [S, V]
+        meta = SamplingMetadata.build(states, self.vocab_size, list(self.config.eos_token_ids), self.device)
         out = self.sampler(logits, meta)
-        for st, tok in zip(sample_states, out.token_ids):
+        for st, tok in zip(states, out.token_ids):
             st.token_ids.append(tok)
-        return StepResult(seq_ids=[seq_ids[i] for i in sampled], token_ids=out.token_ids, logprobs=out.logprobs)
+        return StepResult(seq_ids=seq_ids, token_ids=out.token_ids, logprobs=out.logprobs)
 
     def _metadata(self, states: list[SeqState], starts: list[int], num_new: list[int]):
-        """Attention metadata for the packed step; also the row of each sequence's last token."""
+        """Attention metadata for the packed step; also the row of each sequence's last token.
+        Index arithmetic runs in numpy (cheaper per op than torch at these sizes); the
+        block-table gathers run where the tables live."""
         from gptoss_ray.model.attention import AttentionMetadata
 
         dev, bs = self.device, self.block_size
-        n = torch.tensor(num_new, dtype=torch.int64)  # [B]
-        start = torch.tensor(starts, dtype=torch.int64)  # [B]
-        cu = torch.zeros(len(states) + 1, dtype=torch.int64)
-        torch.cumsum(n, 0, out=cu[1:])
-        seq_of_token = torch.repeat_interleave(torch.arange(len(states)), n)  # [T]
-        positions = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token] + start[seq_of_token]  # [T]
+        n = np.asarray(num_new, dtype=np.int64)  # [B]
+        start = np.asarray(starts, dtype=np.int64)  # [B]
+        cu = np.zeros(len(n) + 1, dtype=np.int64)
+        np.cumsum(n, out=cu[1:])
+        if len(n) == cu[-1]:  # pure decode: one token per sequence
+            seq_of_token, positions = np.arange(len(n)), start  # [T]
+        else:
+            seq_of_token = np.repeat(np.arange(len(n)), n)  # [T]
+            positions = np.arange(cu[-1]) - cu[:-1][seq_of_token] + start[seq_of_token]  # [T]
         context = start + n  # [B]
-        max_blocks = int(-(-int(context.max()) // bs)) if len(states) else 0
-        rows = torch.tensor([st.row for st in states], dtype=torch.int64, device=dev)
-        seq_of_token, positions = seq_of_token.to(dev), positions.to(dev)
+        max_blocks = -(-int(context.max()) // bs) if len(n) else 0
+        rows = np.asarray([st.row for st in states], dtype=np.int64)  # [B]
+
+        def to_dev(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
+            return torch.from_numpy(a).to(device=dev, dtype=dtype, non_blocking=True)
+
+        rows_t, token_rows, token_cols = to_dev(rows), to_dev(rows[seq_of_token]), to_dev(positions // bs)
+        offsets = to_dev(positions % bs)
         tables, slots = {}, {}
         for kind, table in self.block_tables.items():
-            t = table[rows, :max_blocks]  # [B, MB]
-            tables[kind] = t
-            slots[kind] = t[seq_of_token, positions // bs].long() * bs + positions % bs  # [T]
-        attn = AttentionMetadata(
-            cu_seqlens_q=cu.to(torch.int32).to(dev), context_lens=context.to(torch.int32).to(dev),
-            slot_mapping=slots, block_tables=tables,
-        )
-        return attn, positions, (cu[1:] - 1).to(dev)
+            tables[kind] = table[rows_t, :max_blocks]  # [B, MB]
+            slots[kind] = table[token_rows, token_cols].long() * bs + offsets  # [T]
+        attn = AttentionMetadata(cu_seqlens_q=to_dev(cu, torch.int32), context_lens=to_dev(context, torch.int32),
+                                 slot_mapping=slots, block_tables=tables)
+        return attn, to_dev(positions), to_dev(cu[1:] - 1)
 
     # --- introspection ----------------------------------------------------------------------------
 
