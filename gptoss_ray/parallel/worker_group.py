@@ -84,6 +84,7 @@ class WorkerGroup:
         self.actors: list = []
         self.pids: list[int] = []
         self._pg = None
+        self._owns_pg = False
         self._dag = None
         self.last_stats = StepStats()
         self.num_rebuilds = 0
@@ -93,19 +94,22 @@ class WorkerGroup:
         return bool(self.actors)
 
     def start(self) -> None:
+        try:
+            self._start()
+        except Exception as e:  # noqa: BLE001 - a half-built group is as good as none
+            self.shutdown(failed=True)
+            raise WorkerGroupError(f"could not start the expert-parallel workers ({_describe(e)})") from e
+
+    def _start(self) -> None:
         cfg = self.config
-        gpus = 1 if cfg.device == "cuda" else 0
-        # An empty bundle is not allowed; a sliver of CPU keeps "0 CPUs" schedulable.
-        bundle = {"CPU": max(cfg.worker_num_cpus, 0.001)} | ({"GPU": gpus} if gpus else {})
-        self._pg = placement_group([bundle] * cfg.ep_size, strategy=cfg.placement_strategy)
-        ray.get(self._pg.ready(), timeout=_START_TIMEOUT_S)
+        bundles = self._reserve_bundles()
         actor_cls = ray.remote(RankActor)
         self.actors = [
             actor_cls.options(
-                num_cpus=bundle["CPU"], num_gpus=gpus, max_restarts=0,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=r),
+                num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
             ).remote(r, cfg.ep_size, cfg.device, self.placement.range(r), self.worker_factory)
-            for r in range(cfg.ep_size)
+            for r, (index, bundle) in enumerate(bundles)
         ]
         info = ray.get(self.actors[0].start_rendezvous.remote(), timeout=_START_TIMEOUT_S)
         self.pids = ray.get([a.setup.remote(info) for a in self.actors], timeout=_START_TIMEOUT_S)
@@ -117,6 +121,26 @@ class WorkerGroup:
             self._dag = outputs.experimental_compile(_submit_timeout=cfg.step_timeout_s)
         logger.info("expert-parallel group up: %d ranks, experts %s, compiled graph %s",
                     cfg.ep_size, self.placement.counts(), cfg.use_compiled_graph)
+
+    def _reserve_bundles(self) -> list[tuple[int, dict]]:
+        """(bundle index, resources) for each rank.
+
+        Inside a placement group with at least N+1 bundles (a Serve replica deployed with
+        `placement_group_bundles=[replica] + [worker] * N`), the workers take bundles 1..N of
+        it, so the resources Serve reserved (and autoscales on) are the ones used. Otherwise
+        the group makes its own placement group of N bundles."""
+        cfg = self.config
+        current = ray.util.get_current_placement_group()
+        if current is not None and current.bundle_count >= cfg.ep_size + 1:
+            self._pg, self._owns_pg = current, False
+            return [(i, current.bundle_specs[i]) for i in range(1, cfg.ep_size + 1)]
+        gpus = 1 if cfg.device == "cuda" else 0
+        # An empty bundle is not allowed; a sliver of CPU keeps "0 CPUs" schedulable.
+        bundle = {"CPU": max(cfg.worker_num_cpus, 0.001)} | ({"GPU": gpus} if gpus else {})
+        self._pg = placement_group([bundle] * cfg.ep_size, strategy=cfg.placement_strategy)
+        self._owns_pg = True
+        ray.get(self._pg.ready(), timeout=_START_TIMEOUT_S)
+        return [(r, bundle) for r in range(cfg.ep_size)]
 
     def step(self, plan) -> list[RankStepOutput]:
         """Run one step on every rank; raise WorkerGroupError (after tearing down) on failure."""
@@ -167,6 +191,6 @@ class WorkerGroup:
         if not failed:
             for actor in actors:
                 ray.kill(actor, no_restart=True)
-        if self._pg is not None:
+        if self._pg is not None and self._owns_pg:
             remove_placement_group(self._pg)
-            self._pg = None
+        self._pg = None
