@@ -35,12 +35,16 @@ if TYPE_CHECKING:
 
 
 @triton.jit
-def _fp4_e2m1(nibble):
-    """FP4 E2M1 nibble (int32 0..15) -> float32: sign bit 3, exponent bits 2..1, mantissa bit 0."""
+def _fp4_e2m1_times2(nibble):
+    """FP4 E2M1 nibble (int32 0..15) -> 2 * its value as float32 (exact), in integer ops only.
+
+    Sign bit 3, exponent e bits 2..1, mantissa m bit 0: 2*|value| = m when e == 0, else
+    (2 + m) << (e - 1), i.e. 0, 1, 2, 3, 4, 6, 8, 12. Shifts instead of exp2 keep the special
+    function unit free; dequantization is per weight and sits on the decode critical path."""
     exponent = (nibble >> 1) & 3
-    mantissa = (nibble & 1).to(tl.float32)
-    magnitude = tl.where(exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * tl.exp2((exponent - 1).to(tl.float32)))
-    return tl.where((nibble & 8) != 0, -magnitude, magnitude)
+    mantissa = nibble & 1
+    twice = tl.where(exponent == 0, mantissa, (2 | mantissa) << (tl.maximum(exponent, 1) - 1)).to(tl.float32)
+    return tl.where((nibble & 8) != 0, -twice, twice)
 
 
 @triton.jit
@@ -74,9 +78,9 @@ def _grouped_dot(
             w_mask = k_mask[:, None] & col_mask[None, :]
             packed = tl.load(w_ptr + w_rows[None, :] + byte_idx[:, None], mask=w_mask, other=0).to(tl.int32)
             scale_byte = tl.load(s_ptr + s_rows[None, :] + (byte_idx // 16)[:, None], mask=w_mask, other=127)
-            scale = tl.exp2(scale_byte.to(tl.float32) - 127.0)  # [BK/2, BN]
-            w_lo = (_fp4_e2m1(packed & 15) * scale).to(x_even.dtype)
-            w_hi = (_fp4_e2m1(packed >> 4) * scale).to(x_even.dtype)
+            half_scale = tl.exp2(scale_byte.to(tl.float32) - 128.0)  # [BK/2, BN] 2^(s-127) / 2
+            w_lo = (_fp4_e2m1_times2(packed & 15) * half_scale).to(x_even.dtype)
+            w_hi = (_fp4_e2m1_times2(packed >> 4) * half_scale).to(x_even.dtype)
             acc = _dot(x_even, w_lo, acc, PREC, DOT_F32)
             acc = _dot(x_odd, w_hi, acc, PREC, DOT_F32)
         else:

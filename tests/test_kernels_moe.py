@@ -14,12 +14,28 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from gptoss_kernels.moe import ExpertWeights, moe_experts_ref  # noqa: E402
-from gptoss_kernels.moe_triton import moe_experts_triton  # noqa: E402
-from gptoss_kernels.mxfp4 import dequantize_mxfp4, quantize_mxfp4  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from gptoss_kernels.moe_triton import _fp4_e2m1_times2, moe_experts_triton  # noqa: E402
+from gptoss_kernels.mxfp4 import FP4_VALUES, dequantize_mxfp4, quantize_mxfp4  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The sigmoid of a very negative gate overflows exp() in the interpreter's numpy: harmless (-> 0).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+@triton.jit
+def _decode_all_codes(out_ptr):
+    codes = tl.arange(0, 16)
+    tl.store(out_ptr + codes, _fp4_e2m1_times2(codes) * 0.5)
+
+
+def test_fp4_decode_matches_the_e2m1_table_exactly():
+    out = torch.full((16,), float("nan"), device=DEVICE)
+    _decode_all_codes[(1,)](out)
+    assert out.tolist() == list(FP4_VALUES)
+    assert torch.signbit(out[8])  # code 8 is -0.0
 
 
 def make_experts(num_experts, hidden, inter, dtype, quantized, gen, weight_std=0.05) -> ExpertWeights:
