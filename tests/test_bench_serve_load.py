@@ -149,6 +149,8 @@ def test_sweep_reports_every_metric_with_exact_token_counts(fake, tmp_path):
 
     warm, timed = fake.bodies[0], fake.bodies[1:]
     assert len(timed) == 16 and warm["messages"] not in [b["messages"] for b in timed]
+    prompts = [b["messages"][0]["content"] for b in timed]
+    assert not set(prompts[:8]) & set(prompts[8:])  # each load point has fresh prompts
     for body in timed:
         assert body["model"] == MODEL and body["stream"] is True
         assert body["max_tokens"] == 5 and body["min_tokens"] == 5 and body["ignore_eos"] is True

@@ -72,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise GptOssError(f"--warmup must be >= 0, got {args.warmup}")
     extra_body = _parse_extra_body(args.extra_body)
-    requests = _workload(args)
     points = [LoadPoint(c, r, args.seed) for c in concurrencies for r in rates]
-    report = asyncio.run(_run_sweep(args, base_url, extra_body, requests, points))
+    # Fresh prompts for every load point (seed + k): a server's prefix cache must not turn
+    # the later points of a sweep into cache hits on the earlier points' prompts.
+    workloads = [_workload(args, args.seed + k) for k in range(len(points))]
+    report = asyncio.run(_run_sweep(args, base_url, extra_body, workloads, points))
     _print_table(report["runs"])
     if args.output:
         path = Path(args.output)
@@ -87,20 +89,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_sweep(args, base_url: str, extra_body: dict, requests: list[BenchRequest], points) -> dict:
+async def _run_sweep(args, base_url: str, extra_body: dict, workloads: list[list[BenchRequest]], points) -> dict:
     model = args.model or await _discover_model(base_url, args.api_key, args.timeout)
     target = Target(base_url, args.endpoint, model, args.api_key, args.fixed_length, extra_body, args.timeout)
     if args.warmup:
-        # Prompts of their own (another seed): a prefix cache must not get a head start on the workload.
-        warm = synthetic_requests(args.warmup, args.input_len, requests[0].output_len, args.seed + 1)
+        # Prompts of their own (a seed no load point uses): no head start for a prefix cache.
+        warm = synthetic_requests(args.warmup, args.input_len, workloads[0][0].output_len, args.seed + len(points))
         failed = [r.error for r in await warm_up(target, warm) if not r.ok]
         if len(failed) == args.warmup:
             hint = "; try --no-fixed-length" if failed[0] == "400" and args.fixed_length else "; is the server up?"
             raise GptOssError(f"every warm-up request to {target.url} failed ({failed[0]}){hint}")
-    runs = [await run_load_point(target, p, requests, args.progress) for p in points]
+    runs = [await run_load_point(target, p, w, args.progress) for p, w in zip(points, workloads)]
     config = {
-        "base_url": base_url, "endpoint": args.endpoint, "model": model, "num_requests": args.num_requests, "input_len": args.input_len,
-        "output_len": args.output_len, "dataset": args.dataset, "fixed_length": args.fixed_length,
+        "base_url": base_url, "endpoint": args.endpoint, "model": model, "num_requests": args.num_requests,
+        "input_len": args.input_len, "output_len": args.output_len, "dataset": args.dataset, "fixed_length": args.fixed_length,
         "warmup": args.warmup, "seed": args.seed,
     }
     return {**config, **runs[-1], "errors": sum(r["errors"] for r in runs), "runs": runs}
@@ -118,11 +120,11 @@ async def _discover_model(base_url: str, api_key: str | None, timeout_s: float) 
     return model
 
 
-def _workload(args) -> list[BenchRequest]:
+def _workload(args, seed: int) -> list[BenchRequest]:
     if args.dataset:
-        return sharegpt_requests(args.dataset, args.num_requests, args.output_len, args.seed)
+        return sharegpt_requests(args.dataset, args.num_requests, args.output_len, seed)
     output_len = args.output_len if args.output_len is not None else _DEFAULT_OUTPUT_LEN
-    return synthetic_requests(args.num_requests, args.input_len, output_len, args.seed)
+    return synthetic_requests(args.num_requests, args.input_len, output_len, seed)
 
 
 def _normalize_base_url(url: str) -> str:
