@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from engine_helpers import GREEDY, drain, greedy_by_recompute, make_engine, prompt, run_all
 
+from gptoss_ray.engine.executor import InProcessExecutor
+from gptoss_ray.parallel.errors import WorkerGroupError
 from gptoss_ray.sampling_params import SamplingParams
 
 
@@ -134,3 +136,33 @@ def test_too_long_request_is_rejected_not_stalled(tiny_ckpt):
     with pytest.raises(SamplingParamsError) as err:
         engine.add_request("r", prompt(30, seed=1), SamplingParams(max_tokens=10))
     assert err.value.param == "max_tokens"
+
+
+class _FailOnce(InProcessExecutor):
+    """The real in-process worker, with one injected group failure: the new worker after
+    it knows nothing of the old sequences, as after a Ray worker group rebuild."""
+
+    def __init__(self, engine, fail_at_step: int):
+        self.inner, self.fail_at_step, self.steps = engine.executor, fail_at_step, 0
+        self.worker_config = engine.worker_config
+
+    def execute(self, plan):
+        self.steps += 1
+        if self.steps == self.fail_at_step:
+            self.inner = InProcessExecutor(self.worker_config)
+            raise WorkerGroupError("rank 1 died")
+        return self.inner.execute(plan)
+
+
+def test_lost_workers_fail_running_requests_and_the_engine_recovers(tiny_ckpt):
+    engine = make_engine(tiny_ckpt, max_num_seqs=2)
+    requests = {f"r{i}": (prompt(8 + i, seed=20 + i), GREEDY) for i in range(3)}
+    expected = run_all(make_engine(tiny_ckpt), requests)
+    engine.executor = _FailOnce(engine, fail_at_step=3)
+    deltas = []
+    out = run_all(engine, requests, on_step=lambda e, ds: deltas.extend(ds))
+    finish = {d.request_id: d.finish_reason for d in deltas if d.finished}
+    assert finish == {"r0": "error", "r1": "error", "r2": "length"}  # r2 was waiting: it survives
+    assert out[("r2", 0)] == expected[("r2", 0)]
+    assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
+    assert run_all(engine, {"again": requests["r0"]})[("again", 0)] == expected[("r0", 0)]

@@ -25,6 +25,7 @@ from gptoss_ray.engine.scheduler import Scheduler
 from gptoss_ray.engine.sequence import Request, Sequence
 from gptoss_ray.engine.worker import WorkerConfig
 from gptoss_ray.errors import GptOssError, SamplingParamsError
+from gptoss_ray.parallel.errors import WorkerGroupError
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,9 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> list[TokenDelta]:
         """Stop a request now: its sequences leave the queues and their blocks are freed.
         Returns a final "abort" delta for each sample that had not finished."""
+        return self._end_request(request_id, "abort")
+
+    def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[TokenDelta]:
         req = self.requests.pop(request_id, None)
         if req is None:
             return []
@@ -138,12 +142,12 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
-                seq.finish_reason = "abort"
-                deltas.append(TokenDelta(request_id, seq.index, finish_reason="abort",
+                seq.finish_reason = reason
+                deltas.append(TokenDelta(request_id, seq.index, finish_reason=reason, error=error,
                                          num_prompt_tokens=seq.num_prompt_tokens))
             self.seqs.pop(seq.seq_id, None)
         for index in range(len(req.seqs), req.params.n):  # samples not started yet
-            deltas.append(TokenDelta(request_id, index, finish_reason="abort",
+            deltas.append(TokenDelta(request_id, index, finish_reason=reason, error=error,
                                      num_prompt_tokens=len(req.prompt_token_ids)))
         return deltas
 
@@ -160,8 +164,24 @@ class LLMEngine:
             return []
         self.num_steps += 1
         plan.report_expert_load = self.num_steps % EXPERT_LOAD_EVERY == 1
-        results = self.executor.execute(plan)
+        try:
+            results = self.executor.execute(plan)
+        except WorkerGroupError as e:
+            return self._recover_from_lost_workers(e)
         return self._postprocess(scheduled, results)
+
+    def _recover_from_lost_workers(self, e: WorkerGroupError) -> list[TokenDelta]:
+        """The expert-parallel group died and took every sequence's KV with it: end the
+        requests it held with "error", forget what the workers held, keep the waiting ones.
+        The executor builds a fresh group on the next step."""
+        logger.error("workers lost (%s): failing %d running sequences", e, len(self.scheduler.running))
+        lost = {seq.request_id for seq in self.scheduler.running}
+        deltas = [d for rid in lost for d in self._end_request(rid, "error", f"worker failure: {e}")]
+        self.scheduler.forget_workers()
+        for kv in self.kv:
+            kv.reset_prefix_cache()
+            kv.drain_updates()
+        return deltas
 
     def _postprocess(self, scheduled: list[tuple[Sequence, int]], results: list[StepResult]) -> list[TokenDelta]:
         bs = self.worker_config.block_size
@@ -236,7 +256,7 @@ class LLMEngine:
             "prefix_cache_queries": sum(kv.num_query_tokens for kv in self.kv),
             "num_preemptions": self.scheduler.num_preemptions,
             "expert_load": self.expert_load,
-        }
+        } | ({"ep": self.executor.stats()} if hasattr(self.executor, "stats") else {})
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -65,6 +65,11 @@ class BlockPool:
     def lookup(self, block_hash: int) -> int | None:
         return self.cached.get(block_hash)
 
+    def reset_cache(self) -> None:
+        """Forget every named block (their contents are gone); ref counts are unchanged."""
+        self.cached.clear()
+        self.block_hash = [None] * self.num_blocks
+
 
 class KVCacheManager:
     """Per-rank block manager. Mutates the sequences' block tables and records every
@@ -91,6 +96,11 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         return 1.0 - self.full.num_free / self.full.num_blocks
+
+    def reset_prefix_cache(self) -> None:
+        for pool in (self.full, self.sliding):
+            if pool is not None:
+                pool.reset_cache()
 
     def drain_updates(self) -> dict[str, BlockTableUpdates]:
         out, self.updates = self.updates, {FULL: BlockTableUpdates(), SLIDING: BlockTableUpdates()}

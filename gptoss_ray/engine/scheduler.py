@@ -62,6 +62,12 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
 
+    def forget_workers(self) -> None:
+        """The workers were replaced: they hold no sequences, so there is nothing to tell them."""
+        self._finished_ids = [[] for _ in self.kv]
+        for seq in self.waiting:
+            seq.on_worker = False
+
     def _release(self, seq: Sequence) -> None:
         self.kv[seq.rank].free(seq)
         if seq.on_worker:
