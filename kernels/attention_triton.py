@@ -15,9 +15,15 @@ sliding-window blocks safe.
 Softmax: online (flash) softmax in base 2 whose running max and denominator start at the
 head's sink logit (m = sink, l = exp(sink - m) = 1): the sink joins the denominator and adds
 no value, exactly as the reference's extra softmax column.
+
+Flash-decoding: when (tiles x kv heads) cannot fill the GPU (a few long sequences decoding),
+each tile's key range is split over a third grid axis; the splits write partial (max,
+denominator, weighted sum) and `_combine_splits_kernel` merges them and adds the sink.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -26,18 +32,22 @@ import triton.language as tl
 from .routing import interpreting, tile_schedule
 
 _LOG2E = 1.4426950408889634
+_MAX_SPLITS = 16
 
 
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, context_lens_ptr, sinks_ptr,
-    tile_seq_ptr, tile_start_ptr, tile_end_ptr,
-    qk_scale, window, D,
+    tile_seq_ptr, tile_start_ptr, tile_end_ptr, m_split_ptr, l_split_ptr, acc_split_ptr,
+    qk_scale, window, D, num_tokens, num_q_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    BS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BQ: tl.constexpr,
-    BN: tl.constexpr, BD: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    BS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
+    """Grid (tile, kv head, split). Without SPLIT: the whole key range, sink included, output
+    written. With SPLIT: one 1/num_splits slice of the keys; (max, denominator, weighted sum)
+    go to the split buffers and _combine_splits_kernel finishes (flash-decoding)."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     row_start = tl.load(tile_start_ptr + tile)  # first query token (packed index) of the tile
@@ -64,12 +74,21 @@ def _paged_attention_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(ctx - seq_end + row_start - window + 1, 0)  # oldest key the oldest query sees
-
-    m = tl.load(sinks_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634  # [BM] log2
-    denom = tl.full((BQ * G_PAD,), 1.0, dtype=tl.float32)
+    k_begin = lo - lo % BN
+    k_end = hi
+    if SPLIT:
+        chunk = tl.cdiv(tl.cdiv(hi - k_begin, tl.num_programs(2)), BN) * BN  # whole key tiles per split
+        k_begin += tl.program_id(2) * chunk
+        k_end = tl.minimum(hi, k_begin + chunk)
+        m = tl.full((BQ * G_PAD,), -1e30, dtype=tl.float32)  # finite: an empty split must not make NaN
+        denom = tl.zeros((BQ * G_PAD,), dtype=tl.float32)
+    else:
+        # The sink starts the running max and adds exp(sink - m) = 1 to the denominator.
+        m = tl.load(sinks_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        denom = tl.full((BQ * G_PAD,), 1.0, dtype=tl.float32)
     acc = tl.zeros((BQ * G_PAD, BD), dtype=tl.float32)
     block_row = block_tables_ptr + seq * stride_bt
-    for start in range(lo - lo % BN, hi, BN):
+    for start in range(k_begin, k_end, BN):
         j = start + tl.arange(0, BN)  # [BN] key positions
         key_valid = (j >= lo) & (j < hi)
         block = tl.load(block_row + j // BS, mask=key_valid, other=-1)
@@ -92,11 +111,39 @@ def _paged_attention_kernel(
         acc = _dot(p.to(v.dtype), v, acc * rescale[:, None], PREC, DOT_F32)
         m = m_new
 
-    out = acc / denom[:, None]
-    tl.store(
-        out_ptr + token.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-        out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :],
-    )
+    mask = row_valid[:, None] & d_mask[None, :]
+    if SPLIT:
+        row = (tl.program_id(2) * num_tokens + token.to(tl.int64)) * num_q_heads + head  # [BM] in [S, T, Hq]
+        tl.store(m_split_ptr + row, m, mask=row_valid)
+        tl.store(l_split_ptr + row, denom, mask=row_valid)
+        tl.store(acc_split_ptr + row[:, None] * D + d[None, :], acc, mask=mask)
+    else:
+        out_ptrs = out_ptr + token.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        tl.store(out_ptrs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    m_split_ptr, l_split_ptr, acc_split_ptr, sinks_ptr, out_ptr,
+    num_splits, num_tokens, num_q_heads, D, stride_ot, stride_oh,
+    BSPLIT: tl.constexpr, BD: tl.constexpr,
+):
+    """Grid (token, query head): merge the splits' partial softmaxes and add the sink."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, BSPLIT)
+    s_mask = s < num_splits
+    row = (s * num_tokens + token) * num_q_heads + head  # [BSPLIT]
+    m = tl.load(m_split_ptr + row, mask=s_mask, other=-1e30)
+    denom = tl.load(l_split_ptr + row, mask=s_mask, other=0.0)
+    d = tl.arange(0, BD)
+    acc = tl.load(acc_split_ptr + row[:, None] * D + d[None, :], mask=s_mask[:, None] & (d < D)[None, :], other=0.0)
+    sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+    m_all = tl.maximum(tl.max(m, axis=0), sink)
+    weight = tl.exp2(m - m_all)  # [BSPLIT]
+    total = tl.exp2(sink - m_all) + tl.sum(denom * weight, axis=0)
+    out = tl.sum(acc * weight[:, None], axis=0) / total  # [BD]
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @triton.jit
@@ -114,6 +161,21 @@ def _tile_shape(num_tokens: int, num_seqs: int, group_pad: int) -> tuple[int, in
     return max(1, rows // group_pad), 64
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(q: torch.Tensor, num_tiles: int, num_kv_heads: int) -> int:
+    """Split the keys when (tiles x kv heads) cannot fill the GPU: decoding a few long
+    sequences would otherwise run on a handful of SMs. Targets ~2 programs per SM."""
+    if not q.is_cuda:
+        return 1
+    sms = _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    programs = num_tiles * num_kv_heads
+    return 1 if programs >= sms else min(_MAX_SPLITS, triton.cdiv(2 * sms, programs))
+
+
 def paged_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -124,31 +186,49 @@ def paged_attention_triton(
     sinks: torch.Tensor,
     sm_scale: float,
     window: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], caches [NB, BS, Hkv, D], block_tables [B, MB], cu_seqlens_q [B+1],
-    context_lens [B], sinks [Hq] -> [T, Hq, D] (q.dtype); see paged_attention_ref."""
+    context_lens [B], sinks [Hq] -> [T, Hq, D] (q.dtype); see paged_attention_ref.
+    num_splits: key-range splits per tile (None = chosen from the GPU's size; 1 on CPU)."""
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
+    if q.stride(-1) != 1:  # the kernels add d without a stride
+        q = q.contiguous()
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "kv cache head dim must be contiguous"
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
+    num_seqs = context_lens.shape[0]
     group_pad = triton.next_power_of_2(group)
-    block_q, block_n = _tile_shape(num_tokens, context_lens.shape[0], group_pad)
+    block_q, block_n = _tile_shape(num_tokens, num_seqs, group_pad)
     tiles = tile_schedule(cu_seqlens_q, num_tokens, block_q)
-    # Keys/values and q need a contiguous head dim: the kernel adds d without a stride.
-    q = q.contiguous() if q.stride(-1) != 1 else q
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "kv cache head dim must be contiguous"
+    # Real tiles: about one per sequence plus one per BQ tokens (the schedule's bound).
+    splits = num_splits or _num_splits(q, num_seqs + num_tokens // block_q, num_kv_heads)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if splits > 1:
+        m_split = torch.empty(splits, num_tokens, num_q_heads, dtype=torch.float32, device=q.device)
+        l_split = torch.empty_like(m_split)
+        acc_split = torch.empty(splits, num_tokens, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    else:
+        m_split = l_split = acc_split = out  # unused
     block_tables = block_tables.contiguous()
-    _paged_attention_kernel[(tiles.num_tiles, num_kv_heads)](
+    _paged_attention_kernel[(tiles.num_tiles, num_kv_heads, splits)](
         q, k_cache, v_cache, out, block_tables, context_lens.contiguous(), sinks.contiguous(),
-        tiles.group, tiles.row_start, tiles.row_end,
-        float(sm_scale) * _LOG2E, int(window or 0), head_dim,
+        tiles.group, tiles.row_start, tiles.row_end, m_split, l_split, acc_split,
+        float(sm_scale) * _LOG2E, int(window or 0), head_dim, num_tokens, num_q_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        BS=block_size, G=group, G_PAD=group_pad, BQ=block_q, BN=block_n,
-        BD=max(16, triton.next_power_of_2(head_dim)), HAS_WINDOW=window is not None,
+        BS=block_size, G=group, G_PAD=group_pad, BQ=block_q, BN=block_n, BD=block_d,
+        HAS_WINDOW=window is not None, SPLIT=splits > 1,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT_F32=interpreting(),
     )
+    if splits > 1:
+        _combine_splits_kernel[(num_tokens, num_q_heads)](
+            m_split, l_split, acc_split, sinks.contiguous(), out,
+            splits, num_tokens, num_q_heads, head_dim, out.stride(0), out.stride(1),
+            BSPLIT=triton.next_power_of_2(splits), BD=block_d,
+        )
     return out

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent(
 
     FLOATS = {"alpha", "limit", "qk_scale"}
     POINTERS = {"w_ptr": "*u8", "s_ptr": "*u8", "order_ptr": "*i64", "route_w_ptr": "*fp32", "sinks_ptr": "*fp32",
-                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32"}
+                "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "m_split_ptr": "*fp32",
+                "l_split_ptr": "*fp32", "acc_split_ptr": "*fp32"}
 
     def signature(fn, constexprs, dense_weights=False):
         sig = {}
@@ -48,9 +49,11 @@ SCRIPT = textwrap.dedent(
         for fn, bm in ((moe_triton._gate_up_swiglu_kernel, 64), (moe_triton._down_kernel, 16)):
             c = dict(QUANT=quant, BM=bm, BN=32 if bm == 64 else 64, BK=64, PREC="tf32", DOT_F32=False)
             cases.append((fn, c, not quant))
-    for window in (True, False):
-        c = dict(BS=16, G=8, G_PAD=8, BQ=8, BN=64, BD=64, HAS_WINDOW=window, PREC="tf32", DOT_F32=False)
+    for window, split in ((True, False), (False, False), (True, True)):
+        c = dict(BS=16, G=8, G_PAD=8, BQ=8, BN=64, BD=64, HAS_WINDOW=window, SPLIT=split, PREC="tf32",
+                 DOT_F32=False)
         cases.append((attention_triton._paged_attention_kernel, c, False))
+    cases.append((attention_triton._combine_splits_kernel, dict(BSPLIT=16, BD=64), False))
     for fn, c, dense in cases:
         src = ASTSource(fn, signature(fn, c, dense), c)
         kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 3})
@@ -69,4 +72,4 @@ def test_kernels_compile_to_cubin(capability, tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(capability)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("shared") == 6
+    assert proc.stdout.count("shared") == 8
