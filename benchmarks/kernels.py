@@ -133,6 +133,8 @@ def run_cases(device: str, smoke: bool) -> list[Row]:
         ]
     heads = (64, 8, 64)
     rows = [moe_case(t, 128, 2880, 2880, 4, device, with_ref=t <= 32) for t in (1, 32, 256, 2048, 8192)]
+    rows.append(attention_case("attn decode B=1 ctx=32768 full (key splits)", [1], [32768], None, heads, 16, device,
+                               with_ref=False))
     for window in (None, 128):
         tag = "full" if window is None else f"window {window}"
         rows.append(attention_case(f"attn decode B=64 ctx=4096 {tag}", [1] * 64, [4096] * 64, window, heads, 16,
