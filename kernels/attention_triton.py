@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .routing import interpreting, tile_schedule
+from .routing import check_launchable, interpreting, tile_schedule
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 16
@@ -200,6 +200,7 @@ def paged_attention_triton(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0:
         return out
+    check_launchable(q)
     num_seqs = context_lens.shape[0]
     group_pad = triton.next_power_of_2(group)
     block_q, block_n = _tile_shape(num_tokens, num_seqs, group_pad)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .routing import interpreting, sort_by_expert, tile_schedule
+from .routing import check_launchable, interpreting, sort_by_expert, tile_schedule
 
 if TYPE_CHECKING:
     from .moe import ExpertWeights
@@ -203,6 +203,7 @@ def moe_experts_triton(
     out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     if num_pairs == 0:
         return out
+    check_launchable(x)
     x = x.contiguous()
     sort = sort_by_expert(expert_ids, num_experts)
     block_m, block_n, block_k = _block_sizes(num_pairs, num_experts)

@@ -104,3 +104,12 @@ def tile_schedule(group_offsets: torch.Tensor, num_rows: int, block_m: int) -> T
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_launchable(t: torch.Tensor) -> None:
+    """Fail with a clear message instead of Triton's driver error when a kernel gets CPU tensors."""
+    if not t.is_cuda and not interpreting():
+        raise RuntimeError(
+            "Triton kernels got CPU tensors: set TRITON_INTERPRET=1 before gptoss_kernels is imported, "
+            "or GPTOSS_KERNELS=reference"
+        )

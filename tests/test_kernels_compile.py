@@ -73,3 +73,18 @@ def test_kernels_compile_to_cubin(capability, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("shared") == 8
+
+
+def test_cpu_tensors_without_the_interpreter_fail_with_a_clear_message():
+    code = (
+        "import torch\n"
+        "from gptoss_kernels.ops import paged_attention\n"
+        "q = torch.zeros(1, 2, 16); kv = torch.zeros(2, 4, 1, 16)\n"
+        "paged_attention(q, kv, kv, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),\n"
+        "                torch.tensor([1], dtype=torch.int32), torch.zeros(2), 1.0)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["GPTOSS_KERNELS"] = "triton"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "set TRITON_INTERPRET=1" in proc.stderr
