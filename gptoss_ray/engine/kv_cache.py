@@ -213,7 +213,7 @@ class KVCacheManager:
         return True
 
     def _recycle_sliding(self, seq: Sequence, upto: int) -> None:
-        for col in range(upto - 1, seq.num_sliding_freed - 1, -1):  # newest first: LRU keeps the tail
+        for col in range(upto - 1, seq.num_sliding_freed - 1, -1):  # deepest first, as free() does
             self.sliding.release(seq.sliding_table[col])
             self._set(SLIDING, seq, col, -1)
         seq.num_sliding_freed = upto
@@ -228,7 +228,8 @@ class KVCacheManager:
         seq.num_registered_blocks = num_full
 
     def free(self, seq: Sequence) -> None:
-        """Return all of `seq`'s blocks (tail first: the tail is least likely to be shared)."""
+        """Return all of `seq`'s blocks, deepest first: the free list evicts from its front, and
+        deep blocks are the least likely to be shared again."""
         for block in reversed(seq.block_table):
             self.full.release(block)
         if self.sliding is not None:

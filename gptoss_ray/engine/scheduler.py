@@ -112,10 +112,10 @@ class Scheduler:
     def _admit(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            rank, hit = self._place(seq)
-            n = min(seq.num_tokens - hit * self.kv[rank].block_size, budget)
-            if not self.kv[rank].can_allocate(seq, hit, n):
+            placed = self._place(seq, budget)
+            if placed is None:
                 break
+            rank, hit, n = placed
             self.waiting.popleft()
             seq.rank = rank
             kv = self.kv[rank]
@@ -135,18 +135,21 @@ class Scheduler:
         # what recomputing would produce, so this is safe with prefix caching off.
         return self.enable_prefix_caching or seq.index > 0 or seq.admitted_once
 
-    def _place(self, seq: Sequence) -> tuple[int, int]:
-        """(rank, cached prefix blocks): longest hit first, then least KV usage."""
+    def _place(self, seq: Sequence, budget: int) -> tuple[int, int, int] | None:
+        """(rank, cached prefix blocks, tokens to compute now) on the rank with the longest
+        prefix hit, then the least KV usage, among those with room; None if none has."""
         ranks = range(self.num_ranks)
         if seq.index > 0 and seq.rank_hint >= 0:
             ranks = [seq.rank_hint]  # n>1 samples stay beside sample 0's prompt blocks
-        best = None
+        options = []
         for r in ranks:
             hit = self.kv[r].find_prefix(seq) if self._use_cache(seq) else 0
-            key = (-hit, self.kv[r].usage, r)
-            if best is None or key < best[0]:
-                best = (key, r, hit)
-        return best[1], best[2]
+            options.append((-hit, self.kv[r].usage, r, hit))
+        for _, _, r, hit in sorted(options):
+            n = min(seq.num_tokens - hit * self.kv[r].block_size, budget)
+            if self.kv[r].can_allocate(seq, hit, n):
+                return r, hit, n
+        return None
 
     def _build_plan(self, scheduled: list[tuple[Sequence, int]]) -> StepPlan:
         ranks = [RankPlan() for _ in self.kv]
