@@ -42,6 +42,7 @@ class ServingMetrics:
         self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m, registry=r)
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m, registry=r)
         self.inflight = Gauge("gptoss:ingress_requests_inflight", "Requests admitted by this ingress and not finished.", m, registry=r)
+        self.aborted = Counter("gptoss:requests_aborted", "Requests aborted mid-way (client gone, error).", m, registry=r)
         self.rejected = Counter("gptoss:requests_rejected", "Requests refused because the queue was full.", m, registry=r)
         self.expert_load = Gauge("gptoss:expert_load_tokens", "Tokens routed to each expert (cumulative).", m + ["layer", "expert"], registry=r)
         self._last: dict[str, float] = {}  # last cumulative engine counters, to increment by the difference

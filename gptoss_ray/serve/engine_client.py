@@ -119,6 +119,7 @@ class ServingContext:
 
     def abort_later(self, request_id: str) -> None:
         """Fire an abort from a cancelled request (it cannot await any more)."""
+        self.metrics.labels(self.metrics.aborted).inc()
         async def _abort() -> None:
             try:
                 await self.client.abort(request_id)
