@@ -15,6 +15,8 @@ tables, prefix cache). The next `execute()` builds a fresh group.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +71,12 @@ class RayExecutor(Executor):
         model = ModelConfig.from_json_file(Path(worker_config.model_path) / "config.json")
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:  # offline use (LLM(...)); under Serve, Ray is already up
-            ray.init(include_dashboard=False, log_to_driver=False)
+            num_cpus = None
+            if worker_config.device == "cpu":
+                # Logical CPUs enough for N workers and the driver, however few cores the host has.
+                wanted = math.ceil(worker_config.ep_size * engine_config.worker_num_cpus) + 1
+                num_cpus = max(os.cpu_count() or 1, wanted)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
         self.group = WorkerGroup(
             WorkerGroupConfig(
                 ep_size=worker_config.ep_size, num_experts=model.num_local_experts,

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 # Generous: actors import torch and load their experts before they answer setup.
 _START_TIMEOUT_S = 300.0
+# Placement either fits the cluster soon or needs an autoscaler to add nodes.
+_PLACEMENT_TIMEOUT_S = 120.0
 
 
 def _describe(e: BaseException) -> str:
@@ -139,7 +141,13 @@ class WorkerGroup:
         bundle = {"CPU": max(cfg.worker_num_cpus, 0.001)} | ({"GPU": gpus} if gpus else {})
         self._pg = placement_group([bundle] * cfg.ep_size, strategy=cfg.placement_strategy)
         self._owns_pg = True
-        ray.get(self._pg.ready(), timeout=_START_TIMEOUT_S)
+        try:
+            ray.get(self._pg.ready(), timeout=_PLACEMENT_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"the cluster cannot place {cfg.ep_size} workers of {bundle} ({cfg.placement_strategy}); "
+                f"available: {ray.available_resources()}"
+            ) from None
         return [(r, bundle) for r in range(cfg.ep_size)]
 
     def step(self, plan) -> list[RankStepOutput]:
