@@ -47,16 +47,21 @@ def test_seeded_sampling_survives_preemption(tiny_ckpt):
     assert small.stats()["num_preemptions"] > 0
 
 
-def test_abort_running_request_frees_every_block(tiny_ckpt):
-    engine = make_engine(tiny_ckpt)
+def test_abort_frees_every_block_whether_prefilling_or_decoding(tiny_ckpt):
+    engine = make_engine(tiny_ckpt, max_num_batched_tokens=16)
     total = engine.stats()["num_free_blocks"]
-    engine.add_request("a", prompt(30, seed=3), SamplingParams(max_tokens=50, ignore_eos=True))
-    engine.add_request("b", prompt(9, seed=4), SamplingParams(max_tokens=3, ignore_eos=True))
-    for _ in range(3):
+    engine.add_request("decoding", prompt(9, seed=4), SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.add_request("prefilling", prompt(60, seed=3), SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(2):
         engine.step()
-    assert engine.stats()["num_free_blocks"] < total
-    engine.abort_request("a")
-    engine.abort_request("b")
+    decoding, prefilling = (engine.requests[r].seqs[0] for r in ("decoding", "prefilling"))
+    assert decoding.num_output_tokens >= 2 and 0 < prefilling.num_computed_tokens < 60
+    free, held = engine.stats()["num_free_blocks"], len(prefilling.block_table)
+    assert held >= 5
+    engine.abort_request("prefilling")
+    assert engine.stats()["num_free_blocks"] == free + held
+    engine.abort_request("decoding")
     assert engine.stats()["num_free_blocks"] == total
     assert engine.stats()["num_running"] == 0 and not engine.has_unfinished_requests()
     engine.step()  # tells the worker to forget them
