@@ -103,3 +103,24 @@ def test_stop_string_cuts_content_and_holds_back_prefixes():
 def test_multibyte_text_is_never_split():
     p, deltas = stream("<|channel|>final<|message|>héllo 日本語 🎉<|return|>")
     assert p.content == "héllo 日本語 🎉" and all("\ufffd" not in d.text for d in deltas)
+
+
+@pytest.mark.parametrize("text, content, calls", [
+    # harmony's lenient header parser would read stray words as a recipient: not a tool call
+    ("<|channel|>analysis<|message|>ok<|end|><|start|>assistant garbled text <|message|> more<|return|>",
+     "garbled text more", []),
+    # plain text ended by a stop token while the parser still expects a header
+    ("Just plain text.<|return|>", "Just plain text.", []),
+    # a recipient written without the namespace is still a call when it follows "to="
+    ("<|channel|>commentary to=get_weather <|constrain|>json<|message|>{}<|call|>", "", ["get_weather"]),
+])
+def test_invalid_headers_are_content_not_tool_calls(text, content, calls):
+    p, deltas = stream(text)
+    assert p.content == content and [c.name for c in p.tool_calls] == calls
+    assert joined(deltas, "content") == content
+
+
+def test_recipientless_commentary_is_content():
+    p, _ = stream("<|channel|>commentary<|message|>Let me check.<|end|>"
+                  "<|start|>assistant<|channel|>final<|message|>Done.<|return|>")
+    assert p.content == "Let me check.Done." and not p.tool_calls and not p.malformed
