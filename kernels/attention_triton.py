@@ -225,6 +225,7 @@ def paged_attention_triton(
         BS=block_size, G=group, G_PAD=group_pad, BQ=block_q, BN=block_n, BD=block_d,
         HAS_WINDOW=window is not None, SPLIT=splits > 1,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", DOT_F32=interpreting(),
+        num_warps=8 if block_q * group_pad >= 64 else 4,  # 64-row tiles spill at 4 warps
     )
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_q_heads)](

@@ -68,21 +68,25 @@ def _grouped_dot(
     the scale rows (QUANT only). Rows of x are contiguous along K."""
     for k0 in range(0, K, BK):
         if QUANT:
-            half = tl.arange(0, BK // 2)
-            k_even = k0 + 2 * half  # [BK/2] even columns, the low nibbles
-            k_mask = k_even < K
-            x_mask = row_mask[:, None] & k_mask[None, :]
-            x_even = tl.load(x_ptr + x_rows[:, None] + k_even[None, :], mask=x_mask, other=0.0)
-            x_odd = tl.load(x_ptr + x_rows[:, None] + k_even[None, :] + 1, mask=x_mask, other=0.0)
-            byte_idx = k0 // 2 + half  # [BK/2] byte within the row; 16 bytes per scale
-            w_mask = k_mask[:, None] & col_mask[None, :]
-            packed = tl.load(w_ptr + w_rows[None, :] + byte_idx[:, None], mask=w_mask, other=0).to(tl.int32)
-            scale_byte = tl.load(s_ptr + s_rows[None, :] + (byte_idx // 16)[:, None], mask=w_mask, other=127)
-            half_scale = tl.exp2(scale_byte.to(tl.float32) - 128.0)  # [BK/2, BN] 2^(s-127) / 2
-            w_lo = (_fp4_e2m1_times2(packed & 15) * half_scale).to(x_even.dtype)
-            w_hi = (_fp4_e2m1_times2(packed >> 4) * half_scale).to(x_even.dtype)
-            acc = _dot(x_even, w_lo, acc, PREC, DOT_F32)
-            acc = _dot(x_odd, w_hi, acc, PREC, DOT_F32)
+            # One 32-weight group (16 bytes, one scale per weight row) at a time: the scale is a
+            # [BN] vector broadcast over the group instead of a gathered [16, BN] tile.
+            for group in tl.static_range(BK // 32):
+                g0 = k0 + 32 * group  # first column of the group; K is a multiple of 32
+                byte_idx = g0 // 2 + tl.arange(0, 16)  # [16] bytes of this group
+                k_even = 2 * byte_idx  # [16] even columns, the low nibbles
+                k_mask = k_even < K
+                x_mask = row_mask[:, None] & k_mask[None, :]
+                x_even = tl.load(x_ptr + x_rows[:, None] + k_even[None, :], mask=x_mask, other=0.0)
+                x_odd = tl.load(x_ptr + x_rows[:, None] + k_even[None, :] + 1, mask=x_mask, other=0.0)
+                w_mask = k_mask[:, None] & col_mask[None, :]
+                packed = tl.load(w_ptr + w_rows[None, :] + byte_idx[:, None], mask=w_mask, other=0).to(tl.int32)
+                # Past the end (K % BK != 0) the bytes load as 0, so any in-bounds scale will do.
+                scale_byte = tl.load(s_ptr + s_rows + tl.minimum(g0, K - 32) // 32, mask=col_mask, other=127)
+                half_scale = tl.exp2(scale_byte.to(tl.float32) - 128.0)[None, :]  # [1, BN] 2^(s-127) / 2
+                w_lo = (_fp4_e2m1_times2(packed & 15) * half_scale).to(x_even.dtype)
+                w_hi = (_fp4_e2m1_times2(packed >> 4) * half_scale).to(x_even.dtype)
+                acc = _dot(x_even, w_lo, acc, PREC, DOT_F32)
+                acc = _dot(x_odd, w_hi, acc, PREC, DOT_F32)
         else:
             kk = k0 + tl.arange(0, BK)
             k_mask = kk < K
@@ -211,6 +215,8 @@ def moe_experts_triton(
     # TF32 would cost float32 its 1e-5 agreement with the reference; bf16 runs at full rate.
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     dot_f32 = interpreting()
+    # 64-row tiles spill registers at 4 warps (cuobjdump -res-usage of the sm_80/sm_90 cubins).
+    num_warps = 8 if block_m >= 64 else 4
 
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [N, I] sorted order
     gu = _weight_args(w.gate_up_blocks, w.gate_up_scales, w.gate_up_weight)
@@ -221,7 +227,7 @@ def moe_experts_triton(
         gu[0], gu[1], gu_bias, act,
         hidden, inter, x.stride(0), gu[3], gu[4], gu[5], gu[6], gu[7], gu_bias.stride(0), act.stride(0),
         float(alpha), float(limit),
-        QUANT=gu[2], BM=block_m, BN=block_n // 2, BK=block_k, PREC=prec, DOT_F32=dot_f32,
+        QUANT=gu[2], BM=block_m, BN=block_n // 2, BK=block_k, PREC=prec, DOT_F32=dot_f32, num_warps=num_warps,
     )
     dn = _weight_args(w.down_blocks, w.down_scales, w.down_weight)
     dn_bias = w.down_bias.contiguous()
@@ -230,6 +236,6 @@ def moe_experts_triton(
         act, sort.order, route_w, tiles.group, tiles.row_start, tiles.row_end,
         dn[0], dn[1], dn_bias, out,
         hidden, inter, act.stride(0), dn[3], dn[4], dn[5], dn[6], dn[7], dn_bias.stride(0), out.stride(0),
-        QUANT=dn[2], BM=block_m, BN=block_n, BK=block_k, PREC=prec, DOT_F32=dot_f32,
+        QUANT=dn[2], BM=block_m, BN=block_n, BK=block_k, PREC=prec, DOT_F32=dot_f32, num_warps=num_warps,
     )
     return out

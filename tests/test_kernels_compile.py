@@ -47,16 +47,17 @@ SCRIPT = textwrap.dedent(
     cases = []
     for quant in (True, False):
         for fn, bm in ((moe_triton._gate_up_swiglu_kernel, 64), (moe_triton._down_kernel, 16)):
-            c = dict(QUANT=quant, BM=bm, BN=32 if bm == 64 else 64, BK=64, PREC="tf32", DOT_F32=False)
-            cases.append((fn, c, not quant))
+            c = dict(QUANT=quant, BM=bm, BN=32 if fn is moe_triton._gate_up_swiglu_kernel else 64, BK=64, PREC="tf32",
+                     DOT_F32=False)
+            cases.append((fn, c, not quant, 8 if bm == 64 else 4))  # the wrapper's num_warps
     for window, split in ((True, False), (False, False), (True, True), (False, True)):
         c = dict(BS=16, G=8, G_PAD=8, BQ=8, BN=64, BD=64, HAS_WINDOW=window, SPLIT=split, PREC="tf32",
                  DOT_F32=False)
-        cases.append((attention_triton._paged_attention_kernel, c, False))
-    cases.append((attention_triton._combine_splits_kernel, dict(BSPLIT=16, BD=64), False))
-    for fn, c, dense in cases:
+        cases.append((attention_triton._paged_attention_kernel, c, False, 8))
+    cases.append((attention_triton._combine_splits_kernel, dict(BSPLIT=16, BD=64), False, 4))
+    for fn, c, dense, warps in cases:
         src = ASTSource(fn, signature(fn, c, dense), c)
-        kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4, "num_stages": 3})
+        kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": 3})
         assert kernel.asm["cubin"], fn.__name__
         print(fn.__name__, c, "shared", kernel.metadata.shared)
     """
