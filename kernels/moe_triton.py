@@ -1,6 +1,5 @@
 """Triton MoE experts: grouped matmuls over (token, expert) pairs sorted by expert, reading
-MXFP4 weights and dequantizing them in registers (A100 has no FP4 units; H100 neither uses them
-here), with the gate_up bias and clamped SwiGLU fused into the first matmul's epilogue and the
+MXFP4 weights and dequantizing them in registers (so A100, which has no FP4 units, runs them), with the gate_up bias and clamped SwiGLU fused into the first matmul's epilogue and the
 down bias and routing weight fused into the second's.
 
 Legend: N pairs, H hidden, I expert intermediate size, E local experts, BM/BN/BK tile sizes.
@@ -14,15 +13,16 @@ Data flow:
   _down_kernel             act @ W_d[e]^T + b, * weights[order] -> out[order] (pair order)
 Each output row is written by exactly one program, so the scatter needs no atomics.
 
-MXFP4 in registers: a byte holds two FP4 (E2M1) weights, low nibble = even column. Rather than
-interleaving nibbles back into a [BK] row, the activations are read as even and odd columns and
-two dots of depth BK/2 are summed: x_even @ W_lo + x_odd @ W_hi. Each 16-byte run shares one
-E8M0 scale 2^(s-127).
+MXFP4 in registers: a byte holds two FP4 (E2M1) weights, low nibble = even column, and each
+32-weight group (16 bytes) shares one E8M0 scale 2^(s-127). Rather than interleaving nibbles
+back into a row, the activations are read as even and odd columns and, per group, two dots of
+depth 16 are summed: x_even @ W_lo + x_odd @ W_hi, with the group's scale a [BN] vector.
+Dense (unquantized) expert weights take the same kernels with QUANT=False.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
@@ -170,17 +170,27 @@ def _down_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _weight_args(blocks: torch.Tensor | None, scales: torch.Tensor | None, dense: torch.Tensor | None):
-    """(w, s, quantized, stride_e, stride_row, stride_k, scale_stride_e, scale_stride_row) for the kernels."""
+class _WeightArgs(NamedTuple):
+    """One projection's weight as the kernels take it."""
+
+    w: torch.Tensor  # MXFP4 blocks [E, R, K/32, 16] u8, or the dense weight [E, R, K]
+    s: torch.Tensor  # scales [E, R, K/32] u8 (dense: the weight again, never read)
+    quantized: bool
+    stride_e: int  # per expert, in bytes (blocks) or elements (dense)
+    stride_row: int
+    stride_k: int  # dense only; a blocks row is one contiguous run of bytes
+    scale_stride_e: int
+    scale_stride_row: int
+
+
+def _weight_args(blocks: torch.Tensor | None, scales: torch.Tensor | None, dense: torch.Tensor | None) -> _WeightArgs:
     if blocks is not None:
-        # [E, R, K/32, 16] u8: a row's bytes must be one contiguous run (byte b = group b//16).
-        blocks = blocks.contiguous()
-        scales = scales.contiguous()
-        return blocks, scales, True, blocks.stride(0), blocks.stride(1), 1, scales.stride(0), scales.stride(1)
+        blocks, scales = blocks.contiguous(), scales.contiguous()  # byte b of a row = group b // 16
+        return _WeightArgs(blocks, scales, True, blocks.stride(0), blocks.stride(1), 1, scales.stride(0),
+                           scales.stride(1))
     if dense is None:
         raise ValueError("ExpertWeights has neither MXFP4 blocks nor a dense weight")
-    # Dense [E, R, K]: scales are unused; pass the weight itself so the pointer is valid.
-    return dense, dense, False, dense.stride(0), dense.stride(1), dense.stride(2), 0, 0
+    return _WeightArgs(dense, dense, False, dense.stride(0), dense.stride(1), dense.stride(2), 0, 0)
 
 
 def _block_sizes(num_pairs: int, num_experts: int) -> tuple[int, int, int]:
@@ -224,18 +234,19 @@ def moe_experts_triton(
     # gate_up tiles span 2 * (block_n // 2) weight rows, so both kernels hold [BM, block_n] accumulators.
     _gate_up_swiglu_kernel[(tiles.num_tiles, triton.cdiv(inter, block_n // 2))](
         x, sort.order, tiles.group, tiles.row_start, tiles.row_end,
-        gu[0], gu[1], gu_bias, act,
-        hidden, inter, x.stride(0), gu[3], gu[4], gu[5], gu[6], gu[7], gu_bias.stride(0), act.stride(0),
-        float(alpha), float(limit),
-        QUANT=gu[2], BM=block_m, BN=block_n // 2, BK=block_k, PREC=prec, DOT_F32=dot_f32, num_warps=num_warps,
+        gu.w, gu.s, gu_bias, act,
+        hidden, inter, x.stride(0), gu.stride_e, gu.stride_row, gu.stride_k, gu.scale_stride_e, gu.scale_stride_row,
+        gu_bias.stride(0), act.stride(0), float(alpha), float(limit),
+        QUANT=gu.quantized, BM=block_m, BN=block_n // 2, BK=block_k, PREC=prec, DOT_F32=dot_f32, num_warps=num_warps,
     )
     dn = _weight_args(w.down_blocks, w.down_scales, w.down_weight)
     dn_bias = w.down_bias.contiguous()
     route_w = weights.reshape(-1).contiguous()
     _down_kernel[(tiles.num_tiles, triton.cdiv(hidden, block_n))](
         act, sort.order, route_w, tiles.group, tiles.row_start, tiles.row_end,
-        dn[0], dn[1], dn_bias, out,
-        hidden, inter, act.stride(0), dn[3], dn[4], dn[5], dn[6], dn[7], dn_bias.stride(0), out.stride(0),
-        QUANT=dn[2], BM=block_m, BN=block_n, BK=block_k, PREC=prec, DOT_F32=dot_f32, num_warps=num_warps,
+        dn.w, dn.s, dn_bias, out,
+        hidden, inter, act.stride(0), dn.stride_e, dn.stride_row, dn.stride_k, dn.scale_stride_e, dn.scale_stride_row,
+        dn_bias.stride(0), out.stride(0),
+        QUANT=dn.quantized, BM=block_m, BN=block_n, BK=block_k, PREC=prec, DOT_F32=dot_f32, num_warps=num_warps,
     )
     return out
