@@ -151,6 +151,21 @@ def test_lost_worker_fails_in_flight_requests_then_recovers(tiny_moe_ckpt, refer
         engine.shutdown()
 
 
+@pytest.mark.timeout(120)
+def test_worker_dying_while_idle_is_replaced_by_the_health_check(tiny_moe_ckpt, reference):
+    engine = make_engine(tiny_moe_ckpt, 2, step_timeout_s=10.0)
+    try:
+        victim = engine.executor.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        engine.executor.check_health()  # what Serve calls periodically
+        assert engine.executor.stats()["num_rebuilds"] == 1
+        assert victim not in engine.executor.worker_pids()
+        outputs, _ = generate(engine, PROMPTS[:1], tag="next")
+        assert outputs["next0"][0] == reference["outputs"]["r0"][0]
+    finally:
+        engine.shutdown()
+
+
 def _kill_if_alive(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)

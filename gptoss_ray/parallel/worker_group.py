@@ -22,6 +22,7 @@ starts a fresh group.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ class WorkerGroup:
         self._pg = None
         self._owns_pg = False
         self._dag = None
+        # One thread steps (the engine loop), another may check health (Serve): starting,
+        # stepping and tearing down never interleave.
+        self._lock = threading.RLock()
         self.last_stats = StepStats()
         self.num_rebuilds = 0
 
@@ -152,9 +156,13 @@ class WorkerGroup:
 
     def step(self, plan) -> list[RankStepOutput]:
         """Run one step on every rank; raise WorkerGroupError (after tearing down) on failure."""
-        if not self.is_running:
-            self.num_rebuilds += 1
-            self.start()
+        with self._lock:
+            if not self.is_running:
+                self.num_rebuilds += 1
+                self.start()
+            return self._step(plan)
+
+    def _step(self, plan) -> list[RankStepOutput]:
         t0 = time.perf_counter()
         try:
             if self._dag is not None:
@@ -177,6 +185,28 @@ class WorkerGroup:
         )
         return outputs
 
+    def health_check(self) -> None:
+        """Ping the ranks between steps; replace a group that does not answer.
+
+        Raises WorkerGroupError only when no working group can be had. A step in flight
+        is its own health check (it has a timeout), so this does not wait for it. Pinging
+        while idle matters: a worker dying between requests would otherwise fail the
+        next request instead of being replaced before it."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self.is_running:
+                try:
+                    self.call_all("pid")
+                    return
+                except Exception as e:  # noqa: BLE001 - dead, hung or unreachable
+                    logger.error("expert-parallel worker unhealthy (%s); rebuilding the group", _describe(e))
+                    self.shutdown(failed=True)
+            self.num_rebuilds += 1
+            self.start()
+        finally:
+            self._lock.release()
+
     def call_all(self, method: str, *args, timeout: float | None = None) -> list:
         """A plain remote call on every rank (setup-time or metrics queries, not per step)."""
         refs = [getattr(a, method).remote(*args) for a in self.actors]
@@ -186,6 +216,10 @@ class WorkerGroup:
         """Tear the group down. After a failure the actors are killed first: a rank stuck in
         a collective never leaves the compiled graph's loop, so the graph's own teardown
         must not wait on it."""
+        with self._lock:
+            self._shutdown(failed)
+
+    def _shutdown(self, failed: bool) -> None:
         actors, self.actors, self.pids = self.actors, [], []
         if failed:
             for actor in actors:
