@@ -77,3 +77,16 @@ def test_serve_layer_imports_no_torch():
 def test_served_model_name_and_yaml_args(args, name):
     config = ServeConfig.from_args({**args, "ep_size": 2, "max_queued_requests": 3})
     assert config.model_name == name and config.engine.ep_size == 2 and config.max_queued_requests == 3
+
+
+def test_replica_resources_follow_ep_size():
+    from gptoss_ray.serve.app import server_resources
+
+    one = server_resources(ServeConfig.from_args({"device": "cuda"}))
+    assert one == {"ray_actor_options": {"num_cpus": 1.0, "num_gpus": 1}}
+    three = server_resources(ServeConfig.from_args({"ep_size": 3, "device": "cuda", "worker_num_cpus": 2,
+                                                    "placement_strategy": "STRICT_PACK"}))
+    assert three["placement_group_bundles"] == [{"CPU": 1.0}] + [{"CPU": 2.0, "GPU": 1}] * 3
+    assert three["placement_group_strategy"] == "STRICT_PACK" and three["ray_actor_options"] == {"num_cpus": 1.0}
+    cpu = server_resources(ServeConfig.from_args({"ep_size": 2, "device": "cpu", "worker_num_cpus": 0}))
+    assert cpu["placement_group_bundles"][1] == {"CPU": 0.001}  # Ray refuses empty bundles

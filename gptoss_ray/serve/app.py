@@ -23,13 +23,42 @@ from gptoss_ray.serve.ingress import OpenAIIngress
 from gptoss_ray.serve.llm_server import LLMServerReplica
 
 
+def _wants_gpu(device: str) -> bool:
+    if device != "auto":
+        return device == "cuda"
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def server_resources(config: ServeConfig) -> dict[str, Any]:
+    """Deployment options giving one LLMServer replica the resources of its model instance.
+
+    ep_size 1: the engine runs its worker in the replica, so the replica holds the GPU.
+    ep_size N > 1: the replica's placement group is [replica] + [worker] * N; the engine's
+    worker group finds it and places rank r on bundle r + 1, so Serve reserves (and
+    autoscales on) exactly what the instance uses."""
+    engine = config.engine
+    gpu = {"GPU": 1} if _wants_gpu(engine.device) else {}
+    if engine.ep_size == 1:
+        return {"ray_actor_options": {"num_cpus": config.server_num_cpus, "num_gpus": gpu.get("GPU", 0)}}
+    # Ray refuses an empty bundle: a sliver of CPU keeps a "0 CPU" bundle schedulable
+    replica = {"CPU": max(config.server_num_cpus, 0.001)}
+    worker = {"CPU": max(engine.worker_num_cpus, 0.001)} | gpu
+    return {
+        "ray_actor_options": {"num_cpus": replica["CPU"]},
+        "placement_group_bundles": [replica] + [worker] * engine.ep_size,
+        "placement_group_strategy": engine.placement_strategy,
+    }
+
+
 def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     config = args if isinstance(args, ServeConfig) else ServeConfig.from_args(args or {})
     server = serve.deployment(
         LLMServerReplica,
         name="LLMServer",
         num_replicas=config.num_replicas,
-        ray_actor_options={"num_cpus": config.server_num_cpus},
+        **server_resources(config),
         # the engine batches continuously: let it see every admitted request
         max_ongoing_requests=config.max_inflight + 16,
         health_check_period_s=10,

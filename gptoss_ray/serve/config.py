@@ -41,7 +41,9 @@ class ServeConfig(BaseModel):
     )
     num_replicas: int = Field(1, ge=1, description="Model instances (LLMServer replicas), each with ep_size workers.")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs of each ingress replica.")
-    server_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs of each LLMServer replica (the engine loop).")
+    server_num_cpus: float = Field(
+        1.0, ge=0, description="Logical CPUs of each LLMServer replica (the engine loop); bundle 0 of its placement group."
+    )
     health_timeout_s: float = Field(10.0, gt=0, description="/health answers 503 when the engine takes longer.")
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy.")
