@@ -92,8 +92,9 @@ class ExpertParallelDispatcher:
 
     def _splits(self, send_counts: torch.Tensor, recv_counts: torch.Tensor, device):
         """Per-rank row counts both ways, and the expert id of each received row."""
-        per_expert = send_counts.tolist()  # the one host sync per layer: split sizes must be ints
-        received = recv_counts.tolist()
+        # The one host sync per layer (split sizes must be Python ints): both at once.
+        both = torch.cat([send_counts, recv_counts]).tolist()
+        per_expert, received = both[: send_counts.numel()], both[send_counts.numel():]
         send_split, start = [], 0
         for n in self._counts_per_rank:
             send_split.append(sum(per_expert[start:start + n]))
@@ -103,7 +104,7 @@ class ExpertParallelDispatcher:
         # Rows from each source arrive sorted by expert: repeat our ids by their counts.
         ids = torch.arange(self._owned.start, self._owned.stop, device=device)
         recv_expert_ids = torch.repeat_interleave(
-            ids.repeat(self.placement.world_size), recv_counts.to(device)
+            ids.repeat(self.placement.world_size), recv_counts, output_size=sum(recv_split)
         )  # [R]
         return send_split, recv_split, recv_expert_ids
 
