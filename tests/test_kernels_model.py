@@ -82,7 +82,6 @@ def _generate(ckpt) -> list:
         return [o.outputs[0] for o in llm.generate(prompt_token_ids=prompts, sampling_params=params)]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the engine picks its own device; covered on CPU")
 def test_engine_generation_with_triton_kernels_matches_reference(tiny_ckpt, monkeypatch):
     """Greedy generation through the real engine (scheduler, paged pools, sliding-block
     recycling, continuous batching) is token-identical with the kernels forced on."""
