@@ -49,8 +49,9 @@ def _fp4_e2m1_times2(nibble):
 
 @triton.jit
 def _dot(a, b, acc, PREC: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc + a @ b. DOT_F32 upcasts the operands: Triton's interpreter multiplies bf16 operands
-    wrongly (3.9), and bf16 products are exact in float32, so the result is the GPU's."""
+    """acc + a @ b. DOT_F32 upcasts the operands: Triton's interpreter multiplies the raw bit
+    patterns of bf16 operands (triton-lang/triton#11584, still so in 3.9); bf16 products are exact
+    in float32, so the upcast result equals the GPU's."""
     if DOT_F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PREC)
