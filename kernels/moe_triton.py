@@ -1,6 +1,7 @@
 """Triton MoE experts: grouped matmuls over (token, expert) pairs sorted by expert, reading
-MXFP4 weights and dequantizing them in registers (so A100, which has no FP4 units, runs them), with the gate_up bias and clamped SwiGLU fused into the first matmul's epilogue and the
-down bias and routing weight fused into the second's.
+MXFP4 weights and dequantizing them in registers (so A100, which has no FP4 units, runs them),
+with the gate_up bias and clamped SwiGLU fused into the first matmul's epilogue and the down
+bias and routing weight fused into the second's.
 
 Legend: N pairs, H hidden, I expert intermediate size, E local experts, BM/BN/BK tile sizes.
 
