@@ -8,7 +8,8 @@ Everything here is plain torch and never syncs with the device (no `.item()`, no
 data-dependent output shapes), so it can sit inside a captured CUDA graph and costs a few
 small kernels per layer. The same `ExpertSort` is what an expert-parallel dispatcher needs:
 pairs grouped by expert, with per-expert offsets, so that each destination rank receives one
-contiguous slice.
+contiguous slice. The tile schedule also serves paged attention (groups = sequences).
+`interpreting` / `check_launchable` are the small launch helpers both Triton modules share.
 """
 
 from __future__ import annotations
