@@ -63,6 +63,22 @@ def test_health_is_503_when_the_engine_is_dead():
     assert (ok, dead) == (200, 503) and body["error"]["code"] == "engine_unavailable"
 
 
+def test_requests_to_a_dead_engine_are_503_not_500():
+    app, server = make_app()
+    server.engine.dead = True
+
+    async def ask(stream: bool) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+
+    r = asyncio.run(ask(False))
+    assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+    assert r.json()["error"]["code"] == "engine_unavailable" and "Traceback" not in r.text
+    events = [x for x in asyncio.run(ask(True)).text.splitlines() if x.startswith("data: ")]
+    assert '"engine_unavailable"' in events[-2] and events[-1] == "data: [DONE]"
+
+
 def test_serve_layer_imports_no_torch():
     code = ("import sys; import gptoss_ray.serve.app, gptoss_ray.serve.cli, gptoss_ray.serve.testing, "
             "gptoss_ray.harmony.parse, gptoss_ray.metrics; "

@@ -95,7 +95,12 @@ class ServingContext:
 
     async def max_model_len(self) -> int:
         if self._max_model_len is None:
-            self._max_model_len = int((await self.client.info())["max_model_len"])
+            try:
+                self._max_model_len = int((await self.client.info())["max_model_len"])
+            except Exception as e:  # the LLMServer replica is dead or failed to start
+                logger.warning("engine info unavailable: %r", e)
+                raise OpenAIError(503, "the engine is unavailable", code="engine_unavailable",
+                                  headers={"Retry-After": "5"}) from None
         return self._max_model_len
 
     def check_capacity(self) -> None:
@@ -159,4 +164,5 @@ class ServingContext:
         except Exception as e:  # Ray errors: replica died, actor unavailable
             logger.exception("engine call for %s failed", request_id)
             self.abort_later(request_id)
-            raise OpenAIError(503, f"the engine is unavailable ({type(e).__name__})", code="engine_unavailable") from None
+            raise OpenAIError(503, f"the engine is unavailable ({type(e).__name__})", code="engine_unavailable",
+                              headers={"Retry-After": "5"}) from None

@@ -62,6 +62,8 @@ class ScriptedEngine:
         self._num_requests = 0
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        if self.dead:
+            raise RuntimeError("scripted engine is dead")
         self._prompts.append({"request_id": request_id, "prompt_token_ids": list(prompt_token_ids), "params": asdict(params)})
         self._num_requests += 1
         matches = _MARKER.findall(decode(prompt_token_ids))
