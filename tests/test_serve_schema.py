@@ -106,3 +106,17 @@ def test_replica_resources_follow_ep_size():
     assert three["placement_group_strategy"] == "STRICT_PACK" and three["ray_actor_options"] == {"num_cpus": 1.0}
     cpu = server_resources(ServeConfig.from_args({"ep_size": 2, "device": "cpu", "worker_num_cpus": 0}))
     assert cpu["placement_group_bundles"][1] == {"CPU": 0.001}  # Ray refuses empty bundles
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_json_body_is_read_whatever_the_declared_content_type(content_type):
+    app, _ = make_app()
+    headers = {"content-type": content_type} if content_type else {}
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'  # what `curl -d` sends
+
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.post("/v1/chat/completions", content=body, headers=headers)
+
+    r = asyncio.run(ask())
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]

@@ -135,6 +135,10 @@ class GuardMiddleware:
             if len(body) > self.max_body_bytes:
                 return await too_big(scope, receive, send)
         replayed = False
+        # Every body this API takes is JSON: read it as JSON whatever the client declared
+        # (`curl -d` sends application/x-www-form-urlencoded), so the error, if any, is about the JSON.
+        scope = dict(scope, headers=[(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+                     + [(b"content-type", b"application/json")])
 
         async def replay() -> dict:
             nonlocal replayed
