@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gptoss_kernels.ops import ExpertWeights, moe_experts
+from gptoss_kernels.routing import topk_softmax
 from gptoss_ray.config import ModelConfig
 
 
@@ -83,9 +84,8 @@ class MoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.router(x)  # [T, E]
-        top_logits, topk_ids = torch.topk(logits, self.top_k, dim=-1)  # [T, K]
-        topk_weights = torch.softmax(top_logits.float(), dim=-1).to(x.dtype)  # softmax over the chosen K only
-        if self.record_expert_load:
-            self.expert_counts += torch.bincount(topk_ids.reshape(-1), minlength=self.expert_counts.numel())
-        return self.dispatcher(x, topk_ids, topk_weights, self.experts)
+        topk_ids, topk_weights = topk_softmax(self.router(x), self.top_k)  # [T, K]: softmax over the chosen K only
+        if self.record_expert_load:  # scatter_add, not bincount: no device sync
+            ids = topk_ids.reshape(-1)
+            self.expert_counts.scatter_add_(0, ids, torch.ones_like(ids))
+        return self.dispatcher(x, topk_ids, topk_weights.to(x.dtype), self.experts)
