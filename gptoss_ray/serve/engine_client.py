@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ from gptoss_ray.serve.config import ServeConfig
 from gptoss_ray.serve.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}")
+
+
+def public_message(error: str | None) -> str:
+    """An engine error for the client: first line only, file paths masked (they stay in the log)."""
+    line = (error or "unknown").strip().splitlines()[0] if (error or "").strip() else "unknown"
+    return _PATH.sub("<path>", line)[:500]
 
 
 class HandleClient:
@@ -153,7 +161,7 @@ class ServingContext:
                     self.metrics.observe_finished(delta.finish_reason or "stop", now - start,
                                                   delta.num_prompt_tokens if len(finished) == 1 else 0)
                     if delta.finish_reason == "error":
-                        raise OpenAIError(500, f"engine error: {delta.error or 'unknown'}", code="engine_error")
+                        raise OpenAIError(500, f"engine error: {public_message(delta.error)}", code="engine_error")
                     if delta.finish_reason == "abort":
                         raise OpenAIError(503, "the request was aborted by the server", code="aborted")
                 yield delta
