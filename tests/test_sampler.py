@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gptoss_ray.engine.sampler import Sampler, SamplingMetadata
+from gptoss_ray.engine.sampler import Sampler, SamplingMetadata, TokenHistory
 from gptoss_ray.engine.worker import SeqState
 from gptoss_ray.errors import SamplingParamsError
 from gptoss_ray.sampling_params import SamplingParams
@@ -22,7 +22,11 @@ def state(params: SamplingParams, prompt=(1, 2), output=(), index=0) -> SeqState
 
 
 def sample(states, logits, seed=0):
-    meta = SamplingMetadata.build(states, V, [EOS], "cpu")
+    history = TokenHistory(len(states), 64, V, "cpu")  # as the worker keeps it
+    for row, s in enumerate(states):
+        s.row = row
+        history.set_row(row, s.token_ids)
+    meta = SamplingMetadata.build(states, V, [EOS], "cpu", history)
     return Sampler("cpu", seed=seed)(logits.clone(), meta)
 
 

@@ -39,8 +39,8 @@ class Penalties:
     presence: torch.Tensor  # [P]
     frequency: torch.Tensor  # [P]
     repetition: torch.Tensor  # [P]
-    output_ids: torch.Tensor  # [P, Lmax] int64 output tokens, padded with V
-    prompt_ids: torch.Tensor  # [P, Lp] int64 prompt tokens, padded with V
+    output_ids: torch.Tensor  # [P, L] int64 output tokens, V elsewhere
+    seen_ids: torch.Tensor  # [P, L] int64 prompt and output tokens, V elsewhere
 
 
 @dataclass
@@ -59,7 +59,8 @@ class SamplingMetadata:
     num_logprobs: list[int | None] | None  # [S] top logprobs wanted per row (None = none); None if no row wants them
 
     @classmethod
-    def build(cls, states: list[SeqState], vocab_size: int, eos_token_ids: list[int], device) -> SamplingMetadata:
+    def build(cls, states: list[SeqState], vocab_size: int, eos_token_ids: list[int], device,
+              history: TokenHistory | None = None) -> SamplingMetadata:
         greedy_list = [s.greedy for s in states]
         meta = cls(temperature=None, greedy=None, all_greedy=all(greedy_list), top_k=None, top_p=None, min_p=None,
                    seeds=[], banned=[], penalties=None, num_logprobs=None)
@@ -86,30 +87,55 @@ class SamplingMetadata:
             if s.num_output_tokens < s.params.min_tokens:
                 stop_ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids))
                 meta.banned.append((i, stop_ids))
-        meta.penalties = _build_penalties(states, vocab_size, device)
+        meta.penalties = _build_penalties(states, history, device)
         if any(p.logprobs is not None for p in params):
             meta.num_logprobs = [p.logprobs for p in params]
         return meta
 
 
-def _pad(rows: list[list[int]], fill: int) -> torch.Tensor:
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.int64)
+class TokenHistory:
+    """Every token of every sequence a worker holds, as one [R, L] tensor on the device
+    (R block-table rows, L max_model_len), updated by one write per step, so penalties
+    never rebuild their inputs from Python lists. Allocated when a first sequence with
+    penalties arrives."""
+
+    def __init__(self, num_rows: int, max_len: int, vocab_size: int, device):
+        self.vocab_size = vocab_size
+        self.tokens = torch.full((num_rows, max_len), vocab_size, dtype=torch.int32, device=device)  # [R, L]
+
+    def set_row(self, row: int, token_ids: list[int]) -> None:
+        self.tokens[row, : len(token_ids)] = torch.tensor(token_ids, dtype=torch.int32).to(self.tokens.device)
+
+    def append(self, rows: list[int], positions: list[int], token_ids: list[int]) -> None:
+        dev = self.tokens.device
+        index = (torch.tensor(rows, device=dev), torch.tensor(positions, device=dev))
+        self.tokens.index_put_(index, torch.tensor(token_ids, dtype=torch.int32, device=dev))
+
+    def penalty_ids(self, rows: list[int], prompt_lens: list[int], lens: list[int]):
+        """(output ids, prompt + output ids) [P, L], V outside each sequence's range."""
+        dev = self.tokens.device
+        width = max(lens)
+        ids = self.tokens[torch.tensor(rows, device=dev), :width].long()  # [P, L]
+        pos = torch.arange(width, device=dev).unsqueeze(0)
+        end = torch.tensor(lens, device=dev).unsqueeze(1)
+        start = torch.tensor(prompt_lens, device=dev).unsqueeze(1)
+        seen = ids.masked_fill(pos >= end, self.vocab_size)
+        return seen.masked_fill(pos < start, self.vocab_size), seen
 
 
-def _build_penalties(states: list[SeqState], vocab_size: int, device) -> Penalties | None:
-    rows = [i for i, s in enumerate(states) if s.params.presence_penalty or s.params.frequency_penalty
-            or s.params.repetition_penalty != 1.0]
+def _build_penalties(states: list[SeqState], history: TokenHistory | None, device) -> Penalties | None:
+    rows = [i for i, s in enumerate(states) if s.has_penalty]
     if not rows:
         return None
     sel = [states[i] for i in rows]
+    output_ids, seen_ids = history.penalty_ids(
+        [s.row for s in sel], [s.num_prompt_tokens for s in sel], [len(s.token_ids) for s in sel])
     return Penalties(
         rows=torch.tensor(rows, dtype=torch.int64, device=device),
         presence=torch.tensor([s.params.presence_penalty for s in sel], device=device),
         frequency=torch.tensor([s.params.frequency_penalty for s in sel], device=device),
         repetition=torch.tensor([s.params.repetition_penalty for s in sel], device=device),
-        output_ids=_pad([s.token_ids[s.num_prompt_tokens:] for s in sel], vocab_size).to(device),
-        prompt_ids=_pad([s.token_ids[: s.num_prompt_tokens] for s in sel], vocab_size).to(device),
+        output_ids=output_ids, seen_ids=seen_ids,
     )
 
 
@@ -177,8 +203,7 @@ def _apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     counts.scatter_add_(1, p.output_ids, torch.ones_like(p.output_ids, dtype=counts.dtype))
     counts = counts[:, :v]  # [P, V] occurrences in the output
     seen = torch.zeros(sub.shape[0], v + 1, dtype=torch.bool, device=sub.device)
-    seen.scatter_(1, p.prompt_ids, True)
-    seen = seen[:, :v] | (counts > 0)  # [P, V] in prompt or output
+    seen = seen.scatter_(1, p.seen_ids, True)[:, :v]  # [P, V] in prompt or output
     # CTRL's repetition penalty: shrink positive logits, push negative ones further down.
     rep = p.repetition.unsqueeze(1)
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)

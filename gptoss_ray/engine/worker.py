@@ -12,13 +12,13 @@ sequence, R rows of the block-table tensors (= max_num_seqs).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, StepPlan, StepResult
-from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata
+from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata, TokenHistory
 from gptoss_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -51,15 +51,19 @@ class SeqState:
     params: SamplingParams
     sample_index: int
     row: int  # row in the block-table tensors
+    # derived from params once, for the sampler's per-step batch building
+    greedy: bool = field(init=False)
+    temperature: float = field(init=False)  # 1.0 on greedy rows (unused there)
+    plain: bool = field(init=False)  # nothing but temperature / greedy: the sampler's fast path
+    has_penalty: bool = field(init=False)  # presence, frequency or repetition penalty
 
     def __post_init__(self) -> None:
         p = self.params
         self.greedy = p.temperature < GREEDY_BELOW
-        self.temperature = 1.0 if self.greedy else p.temperature  # greedy rows divide by 1 (unused)
-        # Nothing but temperature / greedy: the sampler's fast path.
+        self.temperature = 1.0 if self.greedy else p.temperature
+        self.has_penalty = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
         self.plain = (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0 and p.seed is None
-                      and not p.presence_penalty and not p.frequency_penalty and p.repetition_penalty == 1.0
-                      and p.min_tokens == 0 and p.logprobs is None)
+                      and not self.has_penalty and p.min_tokens == 0 and p.logprobs is None)
 
     @property
     def num_output_tokens(self) -> int:
@@ -88,6 +92,7 @@ class Worker:
         self.seqs: dict[int, SeqState] = {}
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self.sampler = Sampler(self.device, None if config.seed is None else config.seed + rank)
+        self.history: TokenHistory | None = None  # token ids on the device, once penalties are used
 
     # --- hooks the expert-parallel worker overrides -------------------------------------------
 
@@ -127,11 +132,18 @@ class Worker:
             self.free_rows.append(state.row)
 
     def _add(self, new: NewSequence) -> None:
-        self.seqs[new.seq_id] = SeqState(
+        state = self.seqs[new.seq_id] = SeqState(
             token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
             num_computed_tokens=new.num_computed_tokens, params=new.params,
             sample_index=new.sample_index, row=self.free_rows.pop(),
         )
+        if state.has_penalty and self.history is None:
+            self.history = TokenHistory(self.config.max_num_seqs, self.config.max_model_len, self.vocab_size,
+                                        self.device)
+            for other in self.seqs.values():
+                self.history.set_row(other.row, other.token_ids)
+        elif self.history is not None:
+            self.history.set_row(state.row, state.token_ids)
 
     def _apply_updates(self, kind: str, u: BlockTableUpdates) -> None:
         if not u.seq_ids:
@@ -164,8 +176,11 @@ class Worker:
             states = [states[i] for i in sampled]
             seq_ids = [seq_ids[i] for i in sampled]
         logits = self.model.compute_logits(hidden[last_rows])  # [S, V]
-        meta = SamplingMetadata.build(states, self.vocab_size, list(self.config.eos_token_ids), self.device)
+        meta = SamplingMetadata.build(states, self.vocab_size, list(self.config.eos_token_ids), self.device,
+                                      self.history)
         out = self.sampler(logits, meta)
+        if self.history is not None:
+            self.history.append([st.row for st in states], [len(st.token_ids) for st in states], out.token_ids)
         for st, tok in zip(states, out.token_ids):
             st.token_ids.append(tok)
         return StepResult(seq_ids=seq_ids, token_ids=out.token_ids, logprobs=out.logprobs)
