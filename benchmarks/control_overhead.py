@@ -12,6 +12,7 @@ uses) and one plain `actor.step.remote()` per rank per step.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -69,6 +70,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--seqs", type=int, default=64, help="decoding sequences in each step's plan")
     args = p.parse_args()
+    logging.getLogger("ray.dag").setLevel(logging.WARNING)  # per-teardown INFO lines
     ray.init(num_cpus=max(args.sizes) + 2, include_dashboard=False, log_to_driver=False)
     try:
         print(f"control overhead per step, {args.seqs} decoding sequences, {args.steps} steps "

@@ -49,10 +49,20 @@ def _moe_matches(rank: int, size: int, group, full, ckpt) -> None:
             # (the local reference cannot take zero tokens; zero tokens give zero rows)
             expected = full_moe(x) if tokens else torch.zeros_like(x)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        # The recorded bytes match an independent count of the pairs routed off-rank.
+        # The recorded bytes match an independent count: one row per (token, remote rank)
+        # out (hidden + K ids + K weights) and back (hidden), against two rows per remote pair.
         _, topk_ids = torch.topk(full_moe.router(x), CONFIG.num_experts_per_tok, dim=-1)
-        off_rank = int((placement.owner_table()[topk_ids] != rank).sum())
-        assert dispatcher.stats.min_wire_bytes == 2 * off_rank * CONFIG.hidden_size * 4
+        owner = placement.owner_table()[topk_ids]  # [T, K]
+        remote_pairs = int((owner != rank).sum())
+        remote_rows = sum(len(set(row) - {rank}) for row in owner.tolist())
+        h, k = CONFIG.hidden_size, CONFIG.num_experts_per_tok
+        assert dispatcher.stats.pair_wire_bytes == 2 * remote_pairs * h * 4
+        # Every row sent out comes back as one hidden row: summed over the group, the bytes
+        # on the wire are remote rows x (out width + back width).
+        totals = torch.tensor([dispatcher.stats.wire_bytes, remote_rows])
+        dist.all_reduce(totals, group=group)
+        assert totals[0] == totals[1] * ((h + 2 * k) + h) * 4
+        assert remote_rows <= remote_pairs
         assert dispatcher.stats.layers == 1 and dispatcher.stats.all_to_all_s > 0
 
 

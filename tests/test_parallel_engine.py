@@ -11,6 +11,7 @@ import time
 import pytest
 import ray
 
+from gptoss_ray.config import PRESETS
 from gptoss_ray.engine.engine import LLMEngine
 from gptoss_ray.engine.executor import InProcessExecutor
 from gptoss_ray.engine.llm import LLM
@@ -101,8 +102,11 @@ def test_ep_reports_expert_load_and_all_to_all_cost(reference, ep_runs, ep_size)
     # Each rank counts its own tokens' routing; summed, it is the one-rank model's.
     assert run["expert_load"] == reference["expert_load"]
     stats = run["stats"]
-    # Tokens did travel, and no more of them than the pairs routed off-rank need.
-    assert stats["mean_wire_bytes_per_step"] == stats["mean_min_wire_bytes_per_step"] > 0
+    # Tokens did travel, and no more bytes than a per-pair dispatch would move (up to the
+    # 2K id/weight columns of each row): a token goes once to each rank it needs.
+    config = PRESETS["tiny-moe"]
+    slack = 1 + config.num_experts_per_tok / config.hidden_size
+    assert 0 < stats["mean_wire_bytes_per_step"] <= stats["mean_pair_wire_bytes_per_step"] * slack
     assert stats["mean_all_to_all_s_per_step"] > 0
 
 

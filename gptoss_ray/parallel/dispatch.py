@@ -1,21 +1,25 @@
 """Expert-parallel MoE dispatch and combine over torch.distributed all-to-all.
 
-Legend: T tokens on this rank, K experts per token, P = T*K (token, expert) pairs sent,
-R pairs received, H hidden, E experts, E_r experts owned by rank r, N ranks.
+Legend: T tokens on this rank, K experts per token, H hidden, E experts, N ranks,
+S rows this rank sends (one per token and destination rank), R rows it receives,
+P (row, expert) pairs it computes, W = H + 2K the width of a sent row.
 
 Each MoE layer, on every rank (ranks with T = 0 too: all ranks must meet at each
 collective):
-1. sort this rank's P pairs by global expert id; since experts are placed in contiguous
-   ranges (placement.py), that also groups them by owner rank;
-2. all-to-all the per-expert pair counts: rank r receives, from each source, the counts
-   for its own E_r experts, which tells it both how many rows arrive and which expert
-   each row is for (so no expert ids travel);
-3. all-to-all the hidden rows with those split sizes;
-4. run the owned experts on the received rows (`experts.forward_pairs`, weight 1);
-5. all-to-all the outputs back along the reversed splits;
-6. weight each returned row by its router weight and sum per token (index_add).
-The router weight is applied by the sender in step 6 rather than by the expert owner,
-so it never crosses the wire: three collectives per layer instead of four.
+1. for each token, the set of ranks owning any of its K experts; one row per (token,
+   destination rank), however many of the token's experts that rank owns. A token whose
+   experts 3 and 5 both live on rank 1 crosses the wire once, not twice;
+2. all-to-all the row counts ([N] ints, read on the host as split sizes);
+3. all-to-all the rows: the token's hidden state with, appended, the K local expert ids
+   (-1 where the expert is elsewhere) and K router weights, in the activation dtype
+   (ids < 256 are exact even in bf16, and MoE already casts the weights to it);
+4. the owner expands each row into its (row, expert) pairs, runs `experts.forward_pairs`
+   (weighted, as the local path does) and sums them per row;
+5. all-to-all the per-row sums back along the reversed splits;
+6. sum each token's returned rows (index_add).
+Bytes per layer: S_remote x W out and R_remote x H back, never more than a per-pair
+dispatch's 2 x remote pairs x H (up to the 2K extra columns) and less whenever a rank
+owns several of a token's experts.
 """
 
 from __future__ import annotations
@@ -35,13 +39,15 @@ class DispatchStats:
 
     all_to_all_s: float = 0.0  # seconds inside the collectives (wall time on this rank)
     wire_bytes: int = 0  # bytes this rank sent to OTHER ranks (dispatch + combine)
-    min_wire_bytes: int = 0  # lower bound: pairs whose expert is not local x H x 2 directions x elem bytes
-    pairs_sent: int = 0  # (token, expert) pairs routed, local ones included
+    # What a per-pair dispatch would send for the same routing (the issue's "minimum":
+    # remote (token, expert) pairs x H x elem bytes, out and back).
+    pair_wire_bytes: int = 0
+    pairs_routed: int = 0  # (token, expert) pairs of this rank's tokens, local ones included
     layers: int = 0  # MoE layer calls accumulated
 
     def reset(self) -> None:
-        self.all_to_all_s, self.wire_bytes, self.min_wire_bytes = 0.0, 0, 0
-        self.pairs_sent, self.layers = 0, 0
+        self.all_to_all_s, self.wire_bytes, self.pair_wire_bytes = 0.0, 0, 0
+        self.pairs_routed, self.layers = 0, 0
 
 
 @dataclass
@@ -55,74 +61,69 @@ class ExpertParallelDispatcher:
 
     def __post_init__(self) -> None:
         self._owned = self.placement.range(self.rank)
-        self._counts_per_rank = self.placement.counts()  # [N] experts owned per rank
+        self._owner: torch.Tensor | None = None  # [E] rank of each expert, on x's device
+        self._first: torch.Tensor | None = None  # [N] first expert id of each rank
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  experts) -> torch.Tensor:
-        num_tokens, k = topk_ids.shape
-        hidden = x.shape[1]
-        device = x.device
-        flat_ids = topk_ids.reshape(-1)  # [P] global expert ids
-        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert, hence by owner
-        pair_token = order // k  # [P] token of each sorted pair
-        pair_weight = topk_weights.reshape(-1)[order]  # [P]
+        hidden, top_k, world = x.shape[1], topk_ids.shape[1], self.placement.world_size
+        if self._owner is None or self._owner.device != x.device:
+            self._owner = self.placement.owner_table(x.device)
+            self._first = torch.tensor([r.start for r in self.placement.ranges()], device=x.device)
+        owner = self._owner[topk_ids]  # [T, K]
+        to_rank = torch.zeros(x.shape[0], world, dtype=torch.bool, device=x.device)
+        to_rank.scatter_(1, owner, True)  # [T, N]: token t needs rank r
+        dest, token = to_rank.t().nonzero(as_tuple=True)  # [S] each, rank-major: splits are contiguous
+        rows = self._pack(x, topk_ids, topk_weights, owner, dest, token)  # [S, W]
 
-        send_counts = torch.bincount(flat_ids, minlength=self.placement.num_experts)  # [E]
-        recv_counts = torch.empty(self.placement.world_size * len(self._owned),
-                                  dtype=send_counts.dtype, device=device)  # [N * E_rank]
         t0 = time.perf_counter()
-        self._all_to_all(recv_counts, send_counts,
-                         [len(self._owned)] * self.placement.world_size, self._counts_per_rank)
-        send_split, recv_split, recv_expert_ids = self._splits(send_counts, recv_counts, device)
-
-        recv_x = x.new_empty((sum(recv_split), hidden))  # [R, H]
-        self._all_to_all(recv_x, x[pair_token], recv_split, send_split)
+        send_counts = to_rank.sum(0)  # [N]
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        counts = torch.cat([send_counts, recv_counts]).tolist()  # split sizes must be Python ints
+        send_split, recv_split = counts[:world], counts[world:]
+        received = rows.new_empty((sum(recv_split), rows.shape[1]))  # [R, W]
+        dist.all_to_all_single(received, rows, recv_split, send_split, group=self.group)
         t1 = time.perf_counter()
-        ones = torch.ones(recv_x.shape[0], dtype=pair_weight.dtype, device=device)
-        expert_out = experts.forward_pairs(recv_x, recv_expert_ids, ones)  # [R, H]
+        row_sums = self._compute(received, hidden, top_k, experts)  # [R, H]
         t2 = time.perf_counter()
-        returned = x.new_empty((num_tokens * k, hidden))  # [P, H], in sorted-pair order
-        self._all_to_all(returned, expert_out.to(x.dtype).contiguous(), send_split, recv_split)
+        returned = x.new_empty((rows.shape[0], hidden))  # [S, H]
+        dist.all_to_all_single(returned, row_sums, send_split, recv_split, group=self.group)
         t3 = time.perf_counter()
 
         out = torch.zeros_like(x)  # [T, H]
-        out.index_add_(0, pair_token, returned * pair_weight.to(x.dtype)[:, None])
-        self._record(t1 - t0 + t3 - t2, send_split, recv_split, hidden, x.element_size(), num_tokens * k)
+        out.index_add_(0, token, returned)
+        remote_pairs = int((owner != self.rank).sum()) if owner.numel() else 0
+        self._record(t1 - t0 + t3 - t2, send_split, recv_split, rows.shape[1], hidden,
+                     x.element_size(), remote_pairs, owner.numel())
         return out
 
-    def _splits(self, send_counts: torch.Tensor, recv_counts: torch.Tensor, device):
-        """Per-rank row counts both ways, and the expert id of each received row."""
-        # The one host sync per layer (split sizes must be Python ints): both at once.
-        both = torch.cat([send_counts, recv_counts]).tolist()
-        per_expert, received = both[: send_counts.numel()], both[send_counts.numel():]
-        send_split, start = [], 0
-        for n in self._counts_per_rank:
-            send_split.append(sum(per_expert[start:start + n]))
-            start += n
-        owned = len(self._owned)
-        recv_split = [sum(received[r * owned:(r + 1) * owned]) for r in range(self.placement.world_size)]
-        # Rows from each source arrive sorted by expert: repeat our ids by their counts.
-        ids = torch.arange(self._owned.start, self._owned.stop, device=device)
-        recv_expert_ids = torch.repeat_interleave(
-            ids.repeat(self.placement.world_size), recv_counts, output_size=sum(recv_split)
-        )  # [R]
-        return send_split, recv_split, recv_expert_ids
+    def _pack(self, x, topk_ids, topk_weights, owner, dest, token) -> torch.Tensor:
+        """Row s = [x[token[s]], K expert ids local to dest[s] (-1: elsewhere), K weights]."""
+        here = owner[token] == dest[:, None]  # [S, K]: which of the token's experts dest owns
+        local_ids = torch.where(here, topk_ids[token] - self._first[dest][:, None], -1)  # [S, K]
+        weights = torch.where(here, topk_weights[token], 0)  # [S, K]
+        return torch.cat([x[token], local_ids.to(x.dtype), weights.to(x.dtype)], dim=1)
 
-    def _all_to_all(self, output: torch.Tensor, input: torch.Tensor,
-                    output_split: list[int], input_split: list[int]) -> None:
-        dist.all_to_all_single(output, input, output_split, input_split, group=self.group)
+    def _compute(self, received: torch.Tensor, hidden: int, top_k: int, experts) -> torch.Tensor:
+        """Run our experts on each received row's pairs; one weighted sum per row."""
+        local_ids = received[:, hidden:hidden + top_k].round().long()  # [R, K]
+        weights = received[:, hidden + top_k:]  # [R, K]
+        row, slot = (local_ids >= 0).nonzero(as_tuple=True)  # [P] each
+        expert_ids = local_ids[row, slot] + self._owned.start  # [P] global ids
+        x = received[:, :hidden]
+        pair_out = experts.forward_pairs(x[row], expert_ids, weights[row, slot])  # [P, H]
+        sums = torch.zeros(received.shape[0], hidden, dtype=x.dtype, device=x.device)
+        return sums.index_add_(0, row, pair_out.to(x.dtype))  # [R, H]
 
-    def _record(self, seconds: float, send_split: list[int], recv_split: list[int],
-                hidden: int, elem_bytes: int, pairs: int) -> None:
-        remote_sent = sum(send_split) - send_split[self.rank]
-        remote_recv = sum(recv_split) - recv_split[self.rank]
-        row = hidden * elem_bytes
-        # Dispatch sends remote_sent rows; combine sends back remote_recv rows.
-        self.stats.wire_bytes += (remote_sent + remote_recv) * row
-        # Per pair routed off-rank, one row must go out and one come back: the minimum.
-        self.stats.min_wire_bytes += 2 * remote_sent * row
+    def _record(self, seconds: float, send_split: list[int], recv_split: list[int], width: int,
+                hidden: int, elem_bytes: int, remote_pairs: int, pairs: int) -> None:
+        rows_out = sum(send_split) - send_split[self.rank]
+        rows_back = sum(recv_split) - recv_split[self.rank]
+        self.stats.wire_bytes += (rows_out * width + rows_back * hidden) * elem_bytes
+        self.stats.pair_wire_bytes += 2 * remote_pairs * hidden * elem_bytes
         self.stats.all_to_all_s += seconds
-        self.stats.pairs_sent += pairs
+        self.stats.pairs_routed += pairs
         self.stats.layers += 1
 
 

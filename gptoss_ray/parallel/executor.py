@@ -96,7 +96,7 @@ class RayExecutor(Executor):
         self.num_steps += 1
         self.total.all_to_all_s += last.all_to_all_s
         self.total.wire_bytes += last.wire_bytes
-        self.total.min_wire_bytes += last.min_wire_bytes
+        self.total.pair_wire_bytes += last.pair_wire_bytes
         self.total.worker_s += last.worker_s
         self.total.step_s += last.step_s
         return [o.result for o in outputs]
@@ -117,7 +117,7 @@ class RayExecutor(Executor):
             "last_step_wire_bytes": last.wire_bytes,
             "mean_all_to_all_s_per_step": self.total.all_to_all_s / n,
             "mean_wire_bytes_per_step": self.total.wire_bytes / n,
-            "mean_min_wire_bytes_per_step": self.total.min_wire_bytes / n,
+            "mean_pair_wire_bytes_per_step": self.total.pair_wire_bytes / n,
             "mean_control_overhead_s_per_step": (self.total.step_s - self.total.worker_s) / n,
         }
 

@@ -28,7 +28,7 @@ class RankStepOutput:
     result: object  # the engine Worker's StepResult for this rank's sequences
     all_to_all_s: float  # seconds this rank spent inside MoE collectives
     wire_bytes: int  # bytes this rank sent to other ranks
-    min_wire_bytes: int  # this rank's share of the lower bound (see DispatchStats)
+    pair_wire_bytes: int  # what a per-pair dispatch would have sent (see DispatchStats)
     worker_s: float  # seconds inside Worker.execute (model + sampling + bookkeeping)
 
 
@@ -91,7 +91,7 @@ class RankActor:
             self._take_part_idle()
         return RankStepOutput(
             result=result, all_to_all_s=self.stats.all_to_all_s, wire_bytes=self.stats.wire_bytes,
-            min_wire_bytes=self.stats.min_wire_bytes, worker_s=time.perf_counter() - t0,
+            pair_wire_bytes=self.stats.pair_wire_bytes, worker_s=time.perf_counter() - t0,
         )
 
     def _take_part_idle(self) -> None:

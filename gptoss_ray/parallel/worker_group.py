@@ -69,7 +69,7 @@ class StepStats:
 
     all_to_all_s: float = 0.0  # max over ranks of the time spent in MoE collectives
     wire_bytes: int = 0  # bytes all ranks sent to other ranks
-    min_wire_bytes: int = 0  # lower bound: off-rank (token, expert) pairs x H x 2 x elem bytes
+    pair_wire_bytes: int = 0  # per-pair dispatch reference: off-rank (token, expert) pairs x H x 2 x elem bytes
     worker_s: float = 0.0  # max over ranks of the time inside Worker.execute
     step_s: float = 0.0  # driver wall time of the step, control overhead included
 
@@ -179,7 +179,7 @@ class WorkerGroup:
         self.last_stats = StepStats(
             all_to_all_s=max(o.all_to_all_s for o in outputs),
             wire_bytes=sum(o.wire_bytes for o in outputs),
-            min_wire_bytes=sum(o.min_wire_bytes for o in outputs),
+            pair_wire_bytes=sum(o.pair_wire_bytes for o in outputs),
             worker_s=max(o.worker_s for o in outputs),
             step_s=time.perf_counter() - t0,
         )
