@@ -25,7 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="most sequences running at once")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget per GPU (default 1)")
+    parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per GPU (overrides the budget)")
+    parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
+                        help="do not reuse KV blocks of shared prompt prefixes")
     parser.add_argument("--worker-num-cpus", type=float, default=None, help="logical CPUs per worker actor")
+    parser.add_argument("--max-queued-requests", type=int, default=None,
+                        help="requests waiting beyond max-num-seqs before 429 (bounded queue)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help=f"require this bearer key (or set ${API_KEY_ENV})")
@@ -36,12 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     engine = {"model": args.model, "ep_size": args.ep_size, "dtype": args.dtype, "device": args.device}
-    for name in ("max_model_len", "max_num_seqs", "worker_num_cpus"):
+    for name in ("max_model_len", "max_num_seqs", "worker_num_cpus", "max_num_batched_tokens",
+                 "kv_cache_memory_gb", "num_kv_blocks", "block_size", "enable_prefix_caching"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
     serve_args = {"engine": engine, "served_model_name": args.served_model_name, "api_key": args.api_key,
                   "api_key_file": args.api_key_file, "num_replicas": args.num_replicas,
                   "host": args.host, "port": args.port}
+    if args.max_queued_requests is not None:
+        serve_args["max_queued_requests"] = args.max_queued_requests
     if args.engine_cls:
         serve_args["engine_cls"] = args.engine_cls
     return ServeConfig.from_args(serve_args)
