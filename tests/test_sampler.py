@@ -21,19 +21,19 @@ def state(params: SamplingParams, prompt=(1, 2), output=(), index=0) -> SeqState
                     params=params, sample_index=index, row=0)
 
 
-def sample(states, logits, seed=0):
+def sample(states, logits, seed=0, method=None):
     history = TokenHistory(len(states), 64, V, "cpu")  # as the worker keeps it
     for row, s in enumerate(states):
         s.row = row
         history.set_row(row, s.token_ids)
     meta = SamplingMetadata.build(states, V, [EOS], "cpu", history)
-    return Sampler("cpu", seed=seed)(logits.clone(), meta)
+    return Sampler("cpu", seed=seed, method=method)(logits.clone(), meta)
 
 
-def draws(params, probs, rows=2000, seed=0) -> torch.Tensor:
+def draws(params, probs, rows=2000, seed=0, method=None) -> torch.Tensor:
     """Token counts over `rows` independent rows with the same logits."""
     logits = torch.log(torch.tensor(probs, dtype=torch.float32)).expand(rows, V)
-    out = sample([state(params) for _ in range(rows)], logits, seed=seed)
+    out = sample([state(params) for _ in range(rows)], logits, seed=seed, method=method)
     return torch.bincount(torch.tensor(out.token_ids), minlength=V)
 
 
@@ -51,15 +51,17 @@ def test_greedy_is_argmax():
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
-def test_sampling_follows_the_distribution_and_temperature_flattens_it():
-    counts = draws(SamplingParams(temperature=1.0), PROBS).float() / 2000
+@pytest.mark.parametrize("method", ["exponential", "inverse_cdf"])
+def test_sampling_follows_the_distribution_and_temperature_flattens_it(method):
+    counts = draws(SamplingParams(temperature=1.0), PROBS, method=method).float() / 2000
     assert torch.allclose(counts, torch.tensor(PROBS), atol=0.04)
-    hot = draws(SamplingParams(temperature=5.0), PROBS)
+    hot = draws(SamplingParams(temperature=5.0), PROBS, method=method)
     assert hot[0] < 0.25 * 2000 and hot[7] > 0.03 * 2000  # much flatter than PROBS
 
 
-def test_top_k_keeps_only_the_k_most_likely():
-    counts = draws(SamplingParams(top_k=2), PROBS)
+@pytest.mark.parametrize("method", ["exponential", "inverse_cdf"])
+def test_top_k_keeps_only_the_k_most_likely(method):
+    counts = draws(SamplingParams(top_k=2), PROBS, method=method)
     assert counts[2:].sum() == 0 and counts[0] > 0 and counts[1] > 0
 
 
@@ -73,8 +75,9 @@ def test_top_k_and_top_p_together():
     assert counts[3:].sum() == 0 and counts[2] > 0
 
 
-def test_min_p_drops_tokens_below_a_fraction_of_the_best():
-    counts = draws(SamplingParams(min_p=0.3), PROBS)  # keep p >= 0.12: tokens 0, 1, 2
+@pytest.mark.parametrize("method", ["exponential", "inverse_cdf"])
+def test_min_p_drops_tokens_below_a_fraction_of_the_best(method):
+    counts = draws(SamplingParams(min_p=0.3), PROBS, method=method)  # keep p >= 0.12: tokens 0, 1, 2
     assert counts[3:].sum() == 0 and counts[2] > 0
 
 
@@ -115,7 +118,8 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     assert sample([state(ignore, output=(1,))], logits).token_ids == [7]  # EOS does not stop: not banned
 
 
-def test_seeded_rows_are_independent_of_the_batch():
+@pytest.mark.parametrize("method", ["exponential", "inverse_cdf"])
+def test_seeded_rows_are_independent_of_the_batch(method):
     p = SamplingParams(temperature=1.0, seed=1234)
     logits = torch.randn(1, V)
 
@@ -124,13 +128,13 @@ def test_seeded_rows_are_independent_of_the_batch():
         rows[row] = state(p, output=(3,) * 4)
         batch_logits = torch.randn(batch_rows, V)
         batch_logits[row] = logits[0]
-        return sample(rows, batch_logits, seed=seed).token_ids[row]
+        return sample(rows, batch_logits, seed=seed, method=method).token_ids[row]
 
     tokens = {run(n, row, seed) for n, row, seed in [(1, 0, 0), (7, 3, 1), (16, 15, 2), (3, 1, 3)]}
     assert len(tokens) == 1
     # ... and the seed matters: over 8 seeds, tokens differ
     flat = torch.zeros(1, V)
-    assert len({sample([state(SamplingParams(seed=s))], flat).token_ids[0] for s in range(8)}) > 1
+    assert len({sample([state(SamplingParams(seed=s))], flat, method=method).token_ids[0] for s in range(8)}) > 1
 
 
 def test_logprobs_are_the_raw_distribution_with_the_sampled_token():
