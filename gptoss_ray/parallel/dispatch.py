@@ -61,12 +61,16 @@ class ExpertParallelDispatcher:
 
     def __post_init__(self) -> None:
         self._owned = self.placement.range(self.rank)
+        # Local expert ids travel in the activation dtype: bf16 holds integers exactly up to 256.
+        self._max_local_experts = max(self.placement.counts())
         self._owner: torch.Tensor | None = None  # [E] rank of each expert, on x's device
         self._first: torch.Tensor | None = None  # [N] first expert id of each rank
 
     def __call__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  experts) -> torch.Tensor:
         hidden, top_k, world = x.shape[1], topk_ids.shape[1], self.placement.world_size
+        if x.dtype == torch.bfloat16 and self._max_local_experts > 256:
+            raise ValueError(f"{self._max_local_experts} experts on one rank: bf16 rows carry ids only up to 256")
         if self._owner is None or self._owner.device != x.device:
             self._owner = self.placement.owner_table(x.device)
             self._first = torch.tensor([r.start for r in self.placement.ranges()], device=x.device)
@@ -91,12 +95,14 @@ class ExpertParallelDispatcher:
         dist.all_to_all_single(returned, row_sums, send_split, recv_split, group=self.group)
         t3 = time.perf_counter()
 
-        out = torch.zeros_like(x)  # [T, H]
-        out.index_add_(0, token, returned)
+        # Sums in fp32, rounded once (as local_dispatch's sum over K): in bf16, adding the
+        # ranks' partial sums one by one would round at each step.
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
+        out.index_add_(0, token, returned.float())
         remote_pairs = int((owner != self.rank).sum()) if owner.numel() else 0
         self._record(t1 - t0 + t3 - t2, send_split, recv_split, rows.shape[1], hidden,
                      x.element_size(), remote_pairs, owner.numel())
-        return out
+        return out.to(x.dtype)
 
     def _pack(self, x, topk_ids, topk_weights, owner, dest, token) -> torch.Tensor:
         """Row s = [x[token[s]], K expert ids local to dest[s] (-1: elsewhere), K weights]."""
@@ -113,8 +119,8 @@ class ExpertParallelDispatcher:
         expert_ids = local_ids[row, slot] + self._owned.start  # [P] global ids
         x = received[:, :hidden]
         pair_out = experts.forward_pairs(x[row], expert_ids, weights[row, slot])  # [P, H]
-        sums = torch.zeros(received.shape[0], hidden, dtype=x.dtype, device=x.device)
-        return sums.index_add_(0, row, pair_out.to(x.dtype))  # [R, H]
+        sums = torch.zeros(received.shape[0], hidden, dtype=torch.float32, device=x.device)
+        return sums.index_add_(0, row, pair_out.float()).to(x.dtype)  # [R, H]
 
     def _record(self, seconds: float, send_split: list[int], recv_split: list[int], width: int,
                 hidden: int, elem_bytes: int, remote_pairs: int, pairs: int) -> None:
