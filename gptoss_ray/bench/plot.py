@@ -3,7 +3,7 @@
 matplotlib is imported inside `plot_series` only: the load generator itself must run
 where matplotlib is not installed.
 
-    python -m gptoss_ray.bench.plot OUT.png gptoss-ray=ours.json peer=peer.json
+    python -m gptoss_ray.bench.plot OUT.png gptoss-ray=ours.json peer=peer.json [--title=TEXT]
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def plot_series(series: dict[str, list[dict]], path: str | Path, title: str = ""
                                 textcoords="offset points", xytext=(3, 3), color=color)
         ax.set_title(panel_title, fontsize=9)
         ax.set_xlabel("output tokens/s", fontsize=8)
-        ax.set_ylabel("ms", fontsize=8)
+        ax.set_ylabel("ms (log scale)", fontsize=8)
+        ax.set_yscale("log")  # queueing makes latencies span orders of magnitude
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=6)
@@ -64,14 +65,16 @@ def _point_label(run: dict) -> str:
 
 def main(argv: list[str]) -> int:
     """Plot several `gptoss-ray bench --output` files (LABEL=FILE.json) on one figure."""
+    title = next((a.split("=", 1)[1] for a in argv if a.startswith("--title=")), "")
+    argv = [a for a in argv if not a.startswith("--title=")]
     if len(argv) < 2 or any("=" not in a for a in argv[1:]):
-        print("usage: python -m gptoss_ray.bench.plot OUT.png LABEL=RESULT.json [LABEL=RESULT.json ...]", file=sys.stderr)
+        print("usage: python -m gptoss_ray.bench.plot OUT.png LABEL=RESULT.json [...] [--title=TEXT]", file=sys.stderr)
         return 2
     series = {}
     for arg in argv[1:]:
         label, file = arg.split("=", 1)
         series[label] = json.loads(Path(file).read_text())["runs"]
-    plot_series(series, argv[0])
+    plot_series(series, argv[0], title)
     return 0
 
 
