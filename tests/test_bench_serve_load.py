@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -30,6 +33,8 @@ class FakeServer:
         self.bodies: list[dict] = []  # every chat request body received
         self.failures: list[int] = []  # status codes to answer in turn, cycled; 200 = serve it
         self.send_usage = True  # honour stream_options.include_usage
+        self.error_event_after: int | None = None  # send an error event after this many tokens
+        self.auth: list[str | None] = []  # Authorization header of every chat request
         self.token_delay_s = 0.002  # between chunks, so that requests overlap
         self.in_flight = 0
         self.max_in_flight = 0
@@ -49,6 +54,7 @@ class FakeServer:
         async def chat(request: Request):
             body = await request.json()
             self.bodies.append(body)
+            self.auth.append(request.headers.get("authorization"))
             if self.failures:
                 status = self.failures[(len(self.bodies) - 1) % len(self.failures)]
                 if status != 200:
@@ -71,6 +77,9 @@ class FakeServer:
             if chat:
                 yield _sse({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
             for i in range(n):
+                if i == self.error_event_after:
+                    yield _sse({"error": {"message": "engine died", "type": "internal_server_error", "code": 500}})
+                    return
                 await asyncio.sleep(self.token_delay_s)
                 piece = {"delta": {"content": f"w{i} "}} if chat else {"text": f"w{i} "}
                 yield _sse({"choices": [{"index": 0, **piece}]})
@@ -167,19 +176,33 @@ def test_failures_are_counted_by_status_code(fake, tmp_path):
     assert report["total_output_tokens"] == 18  # failed requests add no tokens
 
 
-def test_poisson_arrivals(fake, tmp_path):
-    report = bench(fake, tmp_path, "--request-rate", "200", "--concurrency", "8", "--num-requests", "10",
-                   "--output-len", "2", "--input-len", "3", "--warmup", "0")
+def test_error_event_inside_a_200_stream_is_a_failure(fake, tmp_path):
+    fake.error_event_after = 2
+    report = bench(fake, tmp_path, "--num-requests", "3", "--output-len", "4", "--input-len", "3", "--warmup", "0")
+    assert report["completed"] == 0 and report["errors_by_status"] == {"stream_error_500": 3}
+    assert report["ttft_p50_ms"] is None and report["output_throughput_tok_s"] == 0
+
+
+def test_poisson_arrivals_with_progress_bar(fake, tmp_path, capsys):
+    out = tmp_path / "poisson.json"
+    argv = ["bench", "--base-url", fake.base_url, "--request-rate", "200", "--concurrency", "8",
+            "--num-requests", "10", "--output-len", "2", "--input-len", "3", "--warmup", "0", "--output", str(out)]
+    assert cli_main(argv) == 0
+    report = json.loads(out.read_text())
     assert report["request_rate"] == 200.0 and report["completed"] == 10 and report["errors"] == 0
+    captured = capsys.readouterr()
+    assert "concurrency=8 rate=200/s:" in captured.err and "/10 [" in captured.err  # tqdm's bar on stderr
+    assert "ttft p50" in captured.out  # the summary table on stdout
 
 
 def test_without_usage_tokens_are_counted_from_chunks(fake, tmp_path):
     fake.send_usage = False
     report = bench(fake, tmp_path, "--num-requests", "3", "--output-len", "6", "--input-len", "4",
-                   "--warmup", "0", "--model", "any", "--no-fixed-length")
+                   "--warmup", "0", "--model", "any", "--no-fixed-length", "--api-key", "sk-test")
     assert report["usage_reported"] is False and report["total_output_tokens"] == 18
     assert report["total_input_tokens"] == 12  # the word estimate
     assert all("min_tokens" not in b and "ignore_eos" not in b and b["model"] == "any" for b in fake.bodies)
+    assert fake.auth == ["Bearer sk-test"] * 3
 
 
 def test_raw_completions_endpoint(fake, tmp_path):
@@ -230,6 +253,14 @@ def test_bad_arguments_give_one_clear_line(fake, args, message, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
     assert fake.bodies == []  # nothing was sent
+
+
+def test_benchmarks_script_is_the_same_command():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_load.py"
+    proc = subprocess.run([sys.executable, str(script), "--base-url", "http://127.0.0.1:1", "--concurrency", "x"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "gptoss-ray bench: error: --concurrency must be a comma list of ints, got 'x'"
 
 
 def test_bad_base_url_and_dead_server(capsys):
