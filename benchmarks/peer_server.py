@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -373,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(default_demo_checkpoint())
     batcher = StaticBatcher(load_model(args.model, args.threads), args.max_batch_size)
     app = build_app(batcher, args.served_model_name or args.model)
-    logger.info("peer server on http://127.0.0.1:%d/v1 (static batches of <= %d, thread %s)",
-                args.port, args.max_batch_size, threading.get_ident())
+    logger.info("peer server on http://127.0.0.1:%d/v1 (static batches of <= %d, %d torch thread(s))",
+                args.port, args.max_batch_size, args.threads)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
     return 0
 
