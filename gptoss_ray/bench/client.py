@@ -35,7 +35,9 @@ class RequestResult:
 
     @property
     def itls_s(self) -> list[float]:
-        """Inter-token latencies: gaps between successive text chunks."""
+        """Inter-token latencies: gaps between successive text chunks (as vLLM's benchmark
+        measures them). A server that packs several tokens into a chunk shows fewer, longer
+        gaps here; `tpot_s` divides by the token count instead."""
         t = self.chunk_times_s
         return [b - a for a, b in zip(t, t[1:])]
 
