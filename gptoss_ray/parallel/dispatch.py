@@ -134,9 +134,10 @@ class ExpertParallelDispatcher:
 
 
 def install_dispatcher(model, placement: ExpertPlacement, rank: int,
-                       group: dist.ProcessGroup | None = None) -> DispatchStats:
-    """Point every MoE layer of `model` at one expert-parallel dispatcher; return its stats."""
+                       group: dist.ProcessGroup | None = None) -> ExpertParallelDispatcher:
+    """Point every MoE layer of `model` at one expert-parallel dispatcher (one object, so
+    its stats add up over the layers) and return it."""
     dispatcher = ExpertParallelDispatcher(placement, rank, group)
     for moe in model.moe_layers():
         moe.dispatcher = dispatcher
-    return dispatcher.stats
+    return dispatcher

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptoss_ray.parallel.dispatch import DispatchStats, ExpertParallelDispatcher
+from gptoss_ray.parallel.dispatch import DispatchStats, ExpertParallelDispatcher, install_dispatcher
 from gptoss_ray.parallel.group import ProcessGroupHandle, RendezvousInfo
 from gptoss_ray.parallel.placement import ExpertPlacement
 
@@ -77,9 +77,8 @@ class RankActor:
             if placement.range(self.rank) != self.experts:
                 raise RuntimeError(f"rank {self.rank} built experts {self.experts}, placement says "
                                    f"{placement.range(self.rank)}")
-            self._dispatcher = ExpertParallelDispatcher(placement, self.rank, stats=self.stats)
-            for moe in model.moe_layers():
-                moe.dispatcher = self._dispatcher
+            self._dispatcher = install_dispatcher(model, placement, self.rank)
+            self.stats = self._dispatcher.stats
             self.num_moe_layers = len(model.moe_layers())
         return os.getpid()
 
