@@ -41,11 +41,12 @@ SAMPLING = {
 class FixedLogitsModel(nn.Module):
     """Stands in for GptOssModel: zero hidden states, the same logits every step."""
 
-    def __init__(self, config, max_rows: int, device):
+    def __init__(self, config, max_rows: int, device, logit_scale: float):
         super().__init__()
         self.config = config
         self.hidden = torch.zeros(8192, config.hidden_size, device=device)
-        self.logits = torch.randn(max_rows, config.vocab_size, generator=torch.Generator().manual_seed(0)).to(device)
+        gen = torch.Generator().manual_seed(0)
+        self.logits = (torch.randn(max_rows, config.vocab_size, generator=gen) * logit_scale).to(device)
 
     def forward(self, input_ids, positions, attn, kv_caches):
         return self.hidden[: input_ids.shape[0]]
@@ -71,13 +72,13 @@ class TimedSampler(Sampler):
         return out
 
 
-def make_worker_cls(vocab: int, max_rows: int):
+def make_worker_cls(vocab: int, max_rows: int, logit_scale: float):
     class FixedLogitsWorker(Worker):
         def load_model(self):
             from gptoss_ray.checkpoint import CheckpointReader
 
             config = CheckpointReader(self.config.model_path).config.model_copy(update={"vocab_size": vocab})
-            return FixedLogitsModel(config, max_rows, self.device)
+            return FixedLogitsModel(config, max_rows, self.device, logit_scale)
 
         def allocate_kv_cache(self, num_blocks):
             return []
@@ -94,6 +95,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=201088)
     p.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--logit-scale", type=float, default=1.0,
+                   help="std of the fixed logits: 1 is flat over the vocabulary (top-p needs a full sort), "
+                        "4 is peaked like a trained model's (top-p stays within the top candidates)")
     args = p.parse_args()
     torch.set_num_threads(1)
     from gptoss_ray.checkpoint import default_demo_checkpoint
@@ -102,7 +106,7 @@ def main() -> None:
                           max_num_seqs=args.num_seqs, num_kv_blocks=args.num_seqs * 64, block_size=16,
                           max_num_batched_tokens=max(2048, args.num_seqs), max_model_len=1024)
     worker_config, _ = build_worker_config(config)
-    executor = InProcessExecutor(worker_config, make_worker_cls(args.vocab, args.num_seqs))
+    executor = InProcessExecutor(worker_config, make_worker_cls(args.vocab, args.num_seqs, args.logit_scale))
     engine = LLMEngine(config, executor=executor)
     sampler_times: list[float] = []
     executor.worker.sampler = TimedSampler(executor.worker.sampler, sampler_times)

@@ -162,3 +162,20 @@ def test_invalid_params_name_the_param(field, value):
     with pytest.raises(SamplingParamsError) as err:
         SamplingParams(**{field: value})
     assert err.value.param == field and field in str(err.value)
+
+
+@pytest.mark.parametrize("scale", [0.5, 8.0])  # flat (sort fallback) and peaked (candidate path)
+def test_top_k_top_p_candidates_equal_the_full_sort(scale, monkeypatch):
+    from gptoss_ray.engine import sampler
+
+    monkeypatch.setattr(sampler, "TOP_CANDIDATES", 64)
+    vocab = 3000
+    logits = torch.randn(12, vocab) * scale
+    top_k = torch.tensor([vocab, 5, 64, 65, 2000, vocab] * 2)
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 0.3, 1.0, 0.99, 0.2, 1.0, 0.7, 0.8, 0.6])
+    fast = sampler._apply_top_k_top_p(logits, top_k, top_p)
+    slow = sampler._sort_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(fast.isinf(), slow.isinf())
+    assert torch.equal(fast[~fast.isinf()], logits[~fast.isinf()])
+    only_k = sampler._apply_top_k_top_p(logits, top_k, None)
+    assert torch.equal(only_k.isinf(), sampler._sort_top_k_top_p(logits, top_k, torch.ones(12)).isinf())

@@ -233,16 +233,44 @@ def _apply_penalties(logits: torch.Tensor, p: Penalties) -> torch.Tensor:
     return logits
 
 
+TOP_CANDIDATES = 1024  # top-k / top-p first look at this many most likely tokens per row
+
+
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
-    if top_p is None:  # top-k alone: no full sort needed
-        k_max = int(top_k.max())
-        kth = logits.topk(k_max, dim=-1).values.gather(1, (top_k.clamp(max=k_max) - 1).unsqueeze(1))
-        return logits.masked_fill(logits < kth, float("-inf"))
+    """Mask (-inf) each row's tokens outside its top-k, then outside the top-p nucleus of
+    what is left. Works on the TOP_CANDIDATES most likely tokens (a top-k, not a sort of
+    the vocabulary), which is exact whenever the kept set provably ends among them: always
+    for top_k <= TOP_CANDIDATES, and for top-p when the candidates hold >= p of the mass
+    (peaked distributions: the usual case). Other rows fall back to a full sort."""
+    s, v = logits.shape
+    dev = logits.device
+    k = top_k if top_k is not None else torch.full((s,), v, dtype=torch.int64, device=dev)  # [S]
+    p = top_p if top_p is not None else torch.ones(s, device=dev)  # [S]
+    cand = min(v, TOP_CANDIDATES)
+    vals, idx = logits.topk(cand, dim=-1)  # [S, C] descending
+    in_k = torch.arange(cand, device=dev).unsqueeze(0) < k.unsqueeze(1)  # [S, C]
+    # log-normalizer of each row's top-k set: over the candidates if the set fits in them
+    lse = torch.where(k <= cand, torch.logsumexp(vals.masked_fill(~in_k, float("-inf")), dim=-1),
+                      torch.logsumexp(logits, dim=-1))  # [S]
+    probs = (vals - lse.unsqueeze(1)).exp().masked_fill(~in_k, 0.0)  # [S, C]
+    keep = in_k & (probs.cumsum(dim=-1) - probs < p.unsqueeze(1))  # mass before the token < p
+    keep[:, 0] = True  # the most likely token always survives
+    out = torch.full_like(logits, float("-inf")).scatter_(1, idx, vals.masked_fill(~keep, float("-inf")))
+    untouched = (k >= v) & (p >= 1.0)  # rows of the batch that use neither
+    out = torch.where(untouched.unsqueeze(1), logits, out)
+    exact = untouched | (k <= cand) | ((k >= v) & (probs.sum(dim=-1) >= p))
+    if not bool(exact.all()):
+        rows = (~exact).nonzero().squeeze(1)
+        out[rows] = _sort_top_k_top_p(logits[rows], k[rows], p[rows])
+    return out
+
+
+def _sort_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The same masks by sorting the whole vocabulary (O(V log V) per row)."""
     sorted_logits, order = logits.sort(dim=-1)  # ascending
     v = logits.shape[1]
-    if top_k is not None:
-        kth = sorted_logits.gather(1, (v - top_k.clamp(max=v)).unsqueeze(1))
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    kth = sorted_logits.gather(1, (v - top_k.clamp(max=v)).unsqueeze(1))
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     drop = cum <= 1.0 - top_p.unsqueeze(1)  # the low tail holding 1 - p of the mass
     drop[:, -1] = False  # the most likely token always survives
