@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 # Generous: actors import torch and load their experts before they answer setup.
 _START_TIMEOUT_S = 300.0
+# The first steps after a (re)start may JIT-compile kernels; they get this much time.
+_WARMUP_STEPS = 2
+_WARMUP_TIMEOUT_S = 300.0
 # Placement either fits the cluster soon or needs an autoscaler to add nodes.
 _PLACEMENT_TIMEOUT_S = 120.0
 
@@ -88,6 +91,7 @@ class WorkerGroup:
         self.pids: list[int] = []
         self._pg = None
         self._owns_pg = False
+        self._steps_since_start = 0
         self._dag = None
         # One thread steps (the engine loop), another may check health (Serve): starting,
         # stepping and tearing down never interleave.
@@ -119,12 +123,13 @@ class WorkerGroup:
         ]
         info = ray.get(self.actors[0].start_rendezvous.remote(), timeout=_START_TIMEOUT_S)
         self.pids = ray.get([a.setup.remote(info) for a in self.actors], timeout=_START_TIMEOUT_S)
+        self._steps_since_start = 0
         if cfg.use_compiled_graph:
             from ray.dag import InputNode, MultiOutputNode
 
             with InputNode() as plan:
                 outputs = MultiOutputNode([a.step.bind(plan) for a in self.actors])
-            self._dag = outputs.experimental_compile(_submit_timeout=cfg.step_timeout_s)
+            self._dag = outputs.experimental_compile(_submit_timeout=max(cfg.step_timeout_s, _WARMUP_TIMEOUT_S))
         logger.info("expert-parallel group up: %d ranks, experts %s, compiled graph %s",
                     cfg.ep_size, self.placement.counts(), cfg.use_compiled_graph)
 
@@ -162,14 +167,23 @@ class WorkerGroup:
                 self.start()
             return self._step(plan)
 
+    def _step_timeout(self) -> float:
+        # The first steps of a fresh group compile kernels (Triton JIT on GPUs): give them
+        # time rather than declare a healthy group dead and rebuild it in a loop.
+        if self._steps_since_start < _WARMUP_STEPS:
+            return max(self.config.step_timeout_s, _WARMUP_TIMEOUT_S)
+        return self.config.step_timeout_s
+
     def _step(self, plan) -> list[RankStepOutput]:
+        timeout = self._step_timeout()
+        self._steps_since_start += 1
         t0 = time.perf_counter()
         try:
             if self._dag is not None:
-                outputs = ray.get(self._dag.execute(plan), timeout=self.config.step_timeout_s)
+                outputs = ray.get(self._dag.execute(plan), timeout=timeout)
             else:
                 refs = [a.step.remote(plan) for a in self.actors]
-                outputs = ray.get(refs, timeout=self.config.step_timeout_s)
+                outputs = ray.get(refs, timeout=timeout)
         except Exception as e:  # noqa: BLE001 - any failure leaves ranks stuck in a collective
             self.shutdown(failed=True)
             raise WorkerGroupError(
