@@ -109,6 +109,14 @@ def test_chunked_prefill_interleaves_with_decodes(tiny_ckpt):
     drain(engine)
 
 
+def test_chunked_prefill_output_equals_one_shot_prefill(tiny_ckpt):
+    # "short" goes first, so "long" is prefilled in chunks of 9 then 15 tokens (beside the
+    # decode): longer than the sliding window (8), not aligned to the 4-token blocks
+    requests = {"short": (prompt(7, seed=17), GREEDY), "long": (prompt(100, seed=16), GREEDY)}
+    chunked = run_all(make_engine(tiny_ckpt, max_num_batched_tokens=16), requests)
+    assert chunked == run_all(make_engine(tiny_ckpt), requests)
+
+
 def _prefilled(engine, request_id) -> bool:
     req = engine.requests.get(request_id)
     return req is None or req.seqs[0].is_prefill_done
