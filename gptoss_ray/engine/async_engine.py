@@ -62,8 +62,10 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
         try:
             await self._call("add", request_id, list(prompt_token_ids), params)
-        except BaseException:
+        except BaseException as e:
             self._streams.pop(request_id, None)
+            if isinstance(e, asyncio.CancelledError):  # the add may still run: undo it
+                self._send("abort", request_id)
             raise
         remaining = params.n
         try:
