@@ -118,3 +118,30 @@ def test_max_model_len_is_exposed(tiny_ckpt):
         return value
 
     assert asyncio.run(main()) == 100
+
+
+def test_a_failing_step_ends_requests_with_error_and_health_check_fails(tiny_ckpt):
+    from gptoss_ray.engine.engine import build_worker_config
+    from gptoss_ray.engine.executor import InProcessExecutor
+
+    class Broken(InProcessExecutor):  # the real worker, with a bug injected at its 3rd step
+        steps = 0
+
+        def execute(self, plan):
+            self.steps += 1
+            if self.steps == 3:
+                raise RuntimeError("injected bug")
+            return super().execute(plan)
+
+    async def main():
+        cfg = config(tiny_ckpt)
+        engine = AsyncLLMEngine(cfg, executor=Broken(build_worker_config(cfg)[0]))
+        _, deltas = await collect(engine, "r", prompt(5, seed=1), SamplingParams(max_tokens=20, ignore_eos=True))
+        with pytest.raises(EngineDeadError):
+            await engine.check_health()
+        await engine.shutdown()
+        return deltas
+
+    deltas = asyncio.run(main())
+    assert deltas[-1].finish_reason == "error" and "injected bug" in deltas[-1].error
+    assert sum(len(d.token_ids) for d in deltas) == 2
