@@ -26,6 +26,7 @@ from gptoss_ray.config import EngineConfig, ModelConfig
 from gptoss_ray.engine.executor import Executor
 from gptoss_ray.engine.plan import StepPlan, StepResult
 from gptoss_ray.engine.worker import Worker, WorkerConfig
+from gptoss_ray.errors import ConfigError
 from gptoss_ray.parallel.errors import WorkerGroupError
 from gptoss_ray.parallel.worker_group import StepStats, WorkerGroup, WorkerGroupConfig
 
@@ -69,14 +70,12 @@ class RayExecutor(Executor):
                  use_compiled_graph: bool = True):
         engine_config = engine_config or EngineConfig()
         model = ModelConfig.from_json_file(Path(worker_config.model_path) / "config.json")
+        if worker_config.ep_size > model.num_local_experts:
+            raise ConfigError(f"ep_size {worker_config.ep_size} exceeds the model's "
+                              f"{model.num_local_experts} experts per layer")
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:  # offline use (LLM(...)); under Serve, Ray is already up
-            num_cpus = None
-            if worker_config.device == "cpu":
-                # Logical CPUs enough for N workers and the driver, however few cores the host has.
-                wanted = math.ceil(worker_config.ep_size * engine_config.worker_num_cpus) + 1
-                num_cpus = max(os.cpu_count() or 1, wanted)
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            self._start_local_ray(worker_config, engine_config)
         self.group = WorkerGroup(
             WorkerGroupConfig(
                 ep_size=worker_config.ep_size, num_experts=model.num_local_experts,
@@ -89,6 +88,21 @@ class RayExecutor(Executor):
         self.group.start()
         self.num_steps = 0
         self.total = StepStats()  # sums over all steps since start
+
+    @staticmethod
+    def _start_local_ray(worker_config: WorkerConfig, engine_config: EngineConfig) -> None:
+        num_cpus = None
+        if worker_config.device == "cpu":
+            # Logical CPUs enough for N workers and the driver, however few cores the host has.
+            wanted = math.ceil(worker_config.ep_size * engine_config.worker_num_cpus) + 1
+            num_cpus = max(os.cpu_count() or 1, wanted)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if worker_config.device == "cuda" and gpus < worker_config.ep_size:
+            # A local cluster cannot grow: say so now rather than wait for placement.
+            ray.shutdown()
+            raise ConfigError(f"ep_size {worker_config.ep_size} needs {worker_config.ep_size} GPUs; "
+                              f"this machine has {gpus}")
 
     def execute(self, plan: StepPlan) -> list[StepResult]:
         outputs = self.group.step(plan)  # raises WorkerGroupError after tearing down
