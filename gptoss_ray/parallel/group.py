@@ -77,6 +77,7 @@ class ProcessGroupHandle:
         self.backend = default_backend(device)
         kwargs = {}
         if self.backend == "nccl":
+            torch.cuda.set_device(torch.device(device))  # NCCL binds each rank to its current device
             kwargs["device_id"] = torch.device(device)
         dist.init_process_group(
             self.backend, store=self.store, rank=rank, world_size=info.world_size,
