@@ -36,7 +36,8 @@ def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingPara
     return drain(engine, on_step)
 
 
-def drain(engine: LLMEngine, on_step=None, deltas_out: list[TokenDelta] | None = None) -> dict[tuple[str, int], list[int]]:
+def drain(engine: LLMEngine, on_step=None,
+          deltas_out: list[TokenDelta] | None = None) -> dict[tuple[str, int], list[int]]:
     out: dict[tuple[str, int], list[int]] = {}
     while engine.has_unfinished_requests():
         deltas = engine.step()

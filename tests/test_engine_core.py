@@ -126,7 +126,8 @@ def test_n_samples_share_prompt_blocks(tiny_ckpt):
     engine = make_engine(tiny_ckpt, enable_prefix_caching=False)
     tokens = prompt(17, seed=13)
     out = run_all(engine, {"r": (tokens, SamplingParams(n=3, temperature=0.0, max_tokens=5, ignore_eos=True))})
-    single = run_all(make_engine(tiny_ckpt), {"r": (tokens, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))})
+    one = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    single = run_all(make_engine(tiny_ckpt), {"r": (tokens, one)})
     assert out[("r", 0)] == out[("r", 1)] == out[("r", 2)] == single[("r", 0)]
     # samples 1 and 2 reuse sample 0's four full prompt blocks (16 tokens) each
     assert engine.stats()["prefix_cache_hits"] == 2 * 16

@@ -98,10 +98,11 @@ class LLMEngine:
 
     def _add_seq(self, req: Request, index: int, rank_hint: int = -1) -> None:
         p, num_prompt = req.params, len(req.prompt_token_ids)
+        eos = frozenset() if p.ignore_eos else self.stops.eos_token_ids
         seq = Sequence(request_id=req.request_id, token_ids=list(req.prompt_token_ids),
                        num_prompt_tokens=num_prompt, params=p, index=index, rank_hint=rank_hint,
                        logprobs=[] if p.logprobs is not None else None,
-                       stop_ids=frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.stops.eos_token_ids),
+                       stop_ids=frozenset(p.stop_token_ids) | eos,
                        max_output_tokens=min(p.max_tokens or self.max_model_len, self.max_model_len - num_prompt),
                        spawn_pending=index == 0 and p.n > 1)
         seq.fast_path = not (p.stop or seq.logprobs is not None or seq.spawn_pending)
