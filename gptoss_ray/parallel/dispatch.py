@@ -9,7 +9,7 @@ collective):
 1. for each token, the set of ranks owning any of its K experts; one row per (token,
    destination rank), however many of the token's experts that rank owns. A token whose
    experts 3 and 5 both live on rank 1 crosses the wire once, not twice;
-2. all-to-all the row counts ([N] ints, read on the host as split sizes);
+2. all-to-all the row and pair counts ([N, 2] ints, read on the host as split sizes);
 3. all-to-all the rows: the token's hidden state with, appended, the K local expert ids
    (-1 where the expert is elsewhere) and K router weights, in the activation dtype
    (ids < 256 are exact even in bf16, and MoE already casts the weights to it);
@@ -77,19 +77,24 @@ class ExpertParallelDispatcher:
         owner = self._owner[topk_ids]  # [T, K]
         to_rank = torch.zeros(x.shape[0], world, dtype=torch.bool, device=x.device)
         to_rank.scatter_(1, owner, True)  # [T, N]: token t needs rank r
-        dest, token = to_rank.t().nonzero(as_tuple=True)  # [S] each, rank-major: splits are contiguous
-        rows = self._pack(x, topk_ids, topk_weights, owner, dest, token)  # [S, W]
 
+        # Counts per destination: rows, and (row, expert) pairs within them. Both directions
+        # in one small all-to-all and one host read: the layer's only host sync on GPUs
+        # (the nonzero calls below are told their output sizes).
         t0 = time.perf_counter()
-        send_counts = to_rank.sum(0)  # [N]
+        send_counts = torch.stack([to_rank.sum(0), torch.bincount(owner.reshape(-1), minlength=world)], 1)  # [N, 2]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        counts = torch.cat([send_counts, recv_counts]).tolist()  # split sizes must be Python ints
-        send_split, recv_split = counts[:world], counts[world:]
+        send, recv = torch.stack([send_counts, recv_counts]).tolist()  # [2][N][rows, pairs]
+        send_split, recv_split = [c[0] for c in send], [c[0] for c in recv]
+        num_recv_pairs = sum(c[1] for c in recv)
+
+        dest, token = torch.nonzero_static(to_rank.t(), size=sum(send_split)).unbind(1)  # [S] each, rank-major
+        rows = self._pack(x, topk_ids, topk_weights, owner, dest, token)  # [S, W]
         received = rows.new_empty((sum(recv_split), rows.shape[1]))  # [R, W]
         dist.all_to_all_single(received, rows, recv_split, send_split, group=self.group)
         t1 = time.perf_counter()
-        row_sums = self._compute(received, hidden, top_k, experts)  # [R, H]
+        row_sums = self._compute(received, hidden, top_k, num_recv_pairs, experts)  # [R, H]
         t2 = time.perf_counter()
         returned = x.new_empty((rows.shape[0], hidden))  # [S, H]
         dist.all_to_all_single(returned, row_sums, send_split, recv_split, group=self.group)
@@ -99,7 +104,7 @@ class ExpertParallelDispatcher:
         # ranks' partial sums one by one would round at each step.
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
         out.index_add_(0, token, returned.float())
-        remote_pairs = int((owner != self.rank).sum()) if owner.numel() else 0
+        remote_pairs = sum(c[1] for c in send) - send[self.rank][1]
         self._record(t1 - t0 + t3 - t2, send_split, recv_split, rows.shape[1], hidden,
                      x.element_size(), remote_pairs, owner.numel())
         return out.to(x.dtype)
@@ -111,11 +116,12 @@ class ExpertParallelDispatcher:
         weights = torch.where(here, topk_weights[token], 0)  # [S, K]
         return torch.cat([x[token], local_ids.to(x.dtype), weights.to(x.dtype)], dim=1)
 
-    def _compute(self, received: torch.Tensor, hidden: int, top_k: int, experts) -> torch.Tensor:
+    def _compute(self, received: torch.Tensor, hidden: int, top_k: int, num_pairs: int,
+                 experts) -> torch.Tensor:
         """Run our experts on each received row's pairs; one weighted sum per row."""
         local_ids = received[:, hidden:hidden + top_k].round().long()  # [R, K]
         weights = received[:, hidden + top_k:]  # [R, K]
-        row, slot = (local_ids >= 0).nonzero(as_tuple=True)  # [P] each
+        row, slot = torch.nonzero_static(local_ids >= 0, size=num_pairs).unbind(1)  # [P] each
         expert_ids = local_ids[row, slot] + self._owned.start  # [P] global ids
         x = received[:, :hidden]
         pair_out = experts.forward_pairs(x[row], expert_ids, weights[row, slot])  # [P, H]
