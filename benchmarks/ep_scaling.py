@@ -9,7 +9,8 @@ the per-pair minimum: a dispatcher that sends each (token, expert) pair whose ex
 on another rank must move 2 x such pairs x H x bytes per element (out and back). Ours
 sends a token once per rank it needs (with its K local ids and weights appended), so it
 moves less whenever a rank owns several of a token's experts. The row-count exchange
-(N-1 x 8 bytes per rank per layer) is listed apart.
+([rows, pairs] int64 per peer per rank per layer) is listed apart. Every rank, and the
+one-rank engine, computes with one thread, so N ranks could use N cores.
 
     python benchmarks/ep_scaling.py --sizes 1 2 3 4 --requests 16 --prompt-len 32 --max-tokens 16
 """
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch
 
 from gptoss_ray.checkpoint import write_checkpoint
 from gptoss_ray.config import PRESETS, EngineConfig
@@ -36,19 +38,30 @@ def run(ckpt: Path, ep_size: int, args) -> dict:
         max_model_len=512, max_num_seqs=64, dtype="float32", device="cpu",
     ))
     try:
-        for i in range(args.requests):
-            prompt = [(7 * i + j) % 50000 + 1000 for j in range(args.prompt_len)]
-            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens,
-                                                               ignore_eos=True))
-        steps, t0 = 0, time.perf_counter()
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
+        generate(engine, args, requests=2, offset=10_000)  # warm-up: first-touch, allocator, channels
+        if ep_size > 1:
+            engine.executor.reset_stats()
+        t0 = time.perf_counter()
+        steps = generate(engine, args, requests=args.requests, offset=0)
         elapsed = time.perf_counter() - t0
         stats = engine.executor.stats() if ep_size > 1 else {}
     finally:
         engine.shutdown()
     return dict(steps=steps, step_ms=1e3 * elapsed / steps, **stats)
+
+
+def generate(engine: LLMEngine, args, requests: int, offset: int) -> int:
+    """Greedy batch to completion; returns the number of steps. Distinct prompts per
+    call, so the measured run gets no prefix-cache hits from the warm-up."""
+    for i in range(requests):
+        prompt = [(7 * i + j + offset) % 50000 + 1000 for j in range(args.prompt_len)]
+        engine.add_request(f"r{offset}-{i}", prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens,
+                                                                      ignore_eos=True))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return steps
 
 
 def main() -> None:
@@ -61,6 +74,7 @@ def main() -> None:
     args = p.parse_args()
     logging.getLogger("ray.dag").setLevel(logging.WARNING)  # per-teardown INFO lines
     config = PRESETS[args.preset]
+    torch.set_num_threads(1)  # N=1 runs in this process: one thread, as each worker rank
     ray.init(num_cpus=max(args.sizes) + 2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +89,7 @@ def main() -> None:
                 if n == 1:
                     print(f"{n:>2} {r['steps']:>5} {r['step_ms']:>8.2f} {'-':>7} {'-':>7} {0:>12} {0:>15}")
                     continue
-                splits = config.num_hidden_layers * n * (n - 1) * 8
+                splits = config.num_hidden_layers * n * (n - 1) * 2 * 8  # [rows, pairs] int64 per peer
                 wire, low = r["mean_wire_bytes_per_step"], r["mean_pair_wire_bytes_per_step"]
                 print(f"{n:>2} {r['steps']:>5} {r['step_ms']:>8.2f} {1e3 * r['mean_all_to_all_s_per_step']:>7.2f} "
                       f"{1e3 * r['mean_control_overhead_s_per_step']:>7.2f} {wire:>12.0f} {low:>15.0f} "

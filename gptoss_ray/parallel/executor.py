@@ -135,6 +135,10 @@ class RayExecutor(Executor):
             "mean_control_overhead_s_per_step": (self.total.step_s - self.total.worker_s) / n,
         }
 
+    def reset_stats(self) -> None:
+        """Start the per-step averages afresh (benchmarks: after a warm-up)."""
+        self.num_steps, self.total = 0, StepStats()
+
     def weight_bytes(self) -> list[dict[str, int]]:
         """Per rank: resident bytes of its experts and of the shared (replicated) weights."""
         return self.group.call_all("weight_bytes")
