@@ -50,9 +50,6 @@ class Scheduler:
         else:
             self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running or any(self._finished_ids))
-
     def finish(self, seq: Sequence) -> None:
         """Drop a sequence now (finished or aborted), freeing its blocks at once."""
         if seq.status is SequenceStatus.RUNNING:
