@@ -283,5 +283,7 @@ class EngineConfig(BaseModel):
         1.0, ge=0, description="Logical CPUs each worker actor asks Ray for (use a fraction on small CPU machines)."
     )
     step_timeout_s: float = Field(
-        60.0, gt=0, description="A worker that does not answer a step in this time is declared dead."
+        20.0, gt=0,
+        description="A worker that does not answer a step in this time is declared dead (the first steps "
+        "of a fresh worker group get longer, for kernel compilation).",
     )

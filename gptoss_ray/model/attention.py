@@ -90,4 +90,4 @@ class Attention(nn.Module):
             q, k_cache, v_cache, attn.block_tables[self.layer_type], attn.cu_seqlens_q, attn.context_lens,
             self.sinks.float(), self.sm_scale, self.window,
         )
-        return self.o_proj(out.reshape(t, -1))
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))

@@ -68,7 +68,7 @@ def local_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     t, k = topk_ids.shape
     rows = torch.arange(t, device=x.device).repeat_interleave(k)  # [N]: the token of each pair
     out = experts.forward_pairs(x[rows], topk_ids.reshape(-1), topk_weights.reshape(-1))  # [N, H]
-    return out.view(t, k, -1).sum(dim=1)
+    return out.view(t, k, x.shape[-1]).sum(dim=1)
 
 
 class MoE(nn.Module):
