@@ -37,6 +37,23 @@ def paged_attention_ref(
     positions of its context; query position i sees key positions j <= i with
     i - j < window (when set). Blocks wholly outside the window are never read, so the
     block table may hold -1 there (recycled sliding-window blocks)."""
+    n_q = cu_seqlens_q.diff()
+    decodes = (n_q == 1).nonzero().flatten()  # sequences with one query: batched together
+    if len(decodes) == len(n_q):
+        return _decode_batched(q, k_cache, v_cache, block_tables, context_lens, sinks, sm_scale, window)
+    out = _per_sequence(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window,
+                        skip_decodes=len(decodes) > 1)
+    if len(decodes) > 1:
+        rows = cu_seqlens_q[decodes].long()
+        out[rows] = _decode_batched(q[rows], k_cache, v_cache, block_tables[decodes], context_lens[decodes],
+                                    sinks, sm_scale, window)
+    return out
+
+
+def _per_sequence(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window,
+                  skip_decodes: bool = False):
+    """Any mix of prefill chunks and decodes, one sequence at a time (with skip_decodes,
+    sequences with a single query are left for the batched path)."""
     out = torch.empty_like(q)
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
@@ -45,7 +62,7 @@ def paged_attention_ref(
     for b, ctx in enumerate(lens):
         q_start, q_end = cu[b], cu[b + 1]
         n_q = q_end - q_start
-        if n_q == 0:
+        if n_q == 0 or (skip_decodes and n_q == 1):
             continue
         first_q = ctx - n_q  # position of the first query token
         k_start = 0 if window is None else max(0, first_q - window + 1)
@@ -70,3 +87,31 @@ def paged_attention_ref(
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         out[q_start:q_end] = torch.einsum("hns,shd->nhd", probs, vals).to(q.dtype)
     return out
+
+
+def _decode_batched(q, k_cache, v_cache, block_tables, context_lens, sinks, sm_scale, window):
+    """One query per sequence (a decode step): all sequences at once instead of a loop,
+    keys gathered up to the longest context and masked per sequence. Same semantics as
+    the loop: unreadable slots (beyond the context, outside the window, -1 blocks) are
+    masked out of both the scores and the values."""
+    b, num_heads, d = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    ctx = context_lens.long()  # [B]
+    num_blocks = (int(ctx.max()) + block_size - 1) // block_size
+    # the query sits at position ctx - 1 and sees positions > ctx - 1 - window
+    first = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)  # [B]
+    tables = block_tables[:, :num_blocks].long()  # [B, MB']
+    pos = torch.arange(num_blocks * block_size, device=q.device)  # [S]
+    visible = (pos[None, :] < ctx[:, None]) & (pos[None, :] >= first[:, None])  # [B, S]
+    visible &= (tables >= 0).repeat_interleave(block_size, dim=1)
+    keys = k_cache[tables.clamp(min=0)].flatten(1, 2).float()  # [B, S, Hkv, D]
+    vals = v_cache[tables.clamp(min=0)].flatten(1, 2).float()
+    vals = vals.masked_fill(~visible[:, :, None, None], 0.0)  # a NaN in an unread slot must not leak
+    qg = q.float().view(b, num_kv_heads, group, d)  # [B, Hkv, G, D]
+    scores = torch.einsum("bkgd,bskd->bkgs", qg, keys) * sm_scale  # [B, Hkv, G, S]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    sink = sinks.float().view(1, num_kv_heads, group, 1).expand(b, -1, -1, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    out = torch.einsum("bkgs,bskd->bkgd", probs, vals)  # [B, Hkv, G, D]
+    return out.reshape(b, num_heads, d).to(q.dtype)
