@@ -28,4 +28,6 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 
 python -m pip install -q -e ".[test]"
+# Optional: a helm binary for the chart's lint/render tests (skipped without one).
+bash deploy/fetch_helm.sh >/dev/null 2>&1 || echo "setup: no helm binary; the helm render tests will skip"
 echo "setup: ready ($(python -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")'))"
