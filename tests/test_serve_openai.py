@@ -164,8 +164,13 @@ def test_n_samples_and_logprobs(client):
     assert [c.index for c in r.choices] == [0, 1]
     assert all(c.message.content == "Hello from the scripted engine!" for c in r.choices)
     entries = r.choices[0].logprobs.content
-    assert len(entries) == script_len("default") and entries[0].logprob == -0.5
+    # logprobs.content covers the reply's text tokens only, not reasoning or harmony control tokens
+    assert "".join(e.token for e in entries) == "Hello from the scripted engine!"
+    assert len(entries) < script_len("default") and entries[0].logprob == -0.5
     assert len(entries[0].top_logprobs) == 2 and r.usage.completion_tokens == 2 * script_len("default")
+    streamed = client.chat.completions.create(model=MODEL, messages=user("hi"), logprobs=True, stream=True)
+    tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert "".join(tokens) == "Hello from the scripted engine!"
 
 
 # --- the prompt the server used -------------------------------------------------------

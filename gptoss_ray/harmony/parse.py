@@ -101,6 +101,9 @@ class HarmonyStreamParser:
     num_tokens: int = 0  # tokens fed
     num_reasoning_tokens: int = 0  # tokens fed while inside an analysis message
     malformed: bool = False  # the output broke the harmony grammar at least once
+    # per token fed: was it part of the reply's text (final channel, or the raw fallback)?
+    # OpenAI's chat logprobs.content lists exactly those tokens.
+    token_is_content: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._enc = get_encoding()
@@ -116,10 +119,12 @@ class HarmonyStreamParser:
         deltas: list[Delta] = []
         for token in token_ids:
             self.num_tokens += 1
+            before = self._parser.state if self._parser is not None else None
             if self._parser is None:
                 self._feed_raw(token, deltas)
             else:
                 self._feed_parser(token, deltas)
+            self.token_is_content.append(self._is_content_token(token, before))
         return self._merge(deltas)
 
     def finish(self) -> list[Delta]:
@@ -144,6 +149,13 @@ class HarmonyStreamParser:
     @property
     def stopped_by_string(self) -> bool:
         return any(f.hit for f in self._filters.values())
+
+    def _is_content_token(self, token: int, before: StreamState | None) -> bool:
+        parser = self._parser
+        if parser is None:  # raw fallback: everything but stop tokens is shown as content
+            return token not in stop_token_ids()
+        return (before == StreamState.CONTENT and parser.state == StreamState.CONTENT
+                and not self._in_call and parser.current_channel != "analysis")
 
     # --- grammar path -------------------------------------------------------------
 

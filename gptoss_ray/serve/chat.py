@@ -85,11 +85,12 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
 
 def _absorb(choice: _Choice, delta: TokenDelta, top: int | None) -> list[Delta]:
     choice.num_tokens += len(delta.token_ids)
-    if top is not None and delta.logprobs:
-        entries = chat_logprobs(delta.token_ids, delta.logprobs, top)
+    pieces = choice.parser.feed(delta.token_ids)
+    if top is not None and delta.logprobs:  # logprobs.content: the tokens of the reply's text only
+        is_content = choice.parser.token_is_content[-len(delta.token_ids):]
+        entries = [e for e, keep in zip(chat_logprobs(delta.token_ids, delta.logprobs, top), is_content) if keep]
         choice.logprobs += entries
         choice.all_logprobs += entries
-    pieces = choice.parser.feed(delta.token_ids)
     if delta.finished:
         choice.finish_reason = delta.finish_reason
         pieces += choice.parser.finish()
