@@ -15,16 +15,17 @@ BLOCK = 32  # weights per scale
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+# byte -> its two values (low nibble first): one table lookup decodes a whole byte
+_BYTE_VALUES = torch.stack([torch.tensor(FP4_VALUES).repeat(16), torch.tensor(FP4_VALUES).repeat_interleave(16)], 1)
+
+
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[..., G, 16] uint8 blocks and [..., G] uint8 scales -> [..., G * 32] values."""
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"mxfp4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
-    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # [..., G, 16, 2]: low nibble first
-    values = lut[codes].flatten(-2)  # [..., G, 32]
-    exponents = scales.to(torch.int32) - 127
-    values = torch.ldexp(values, exponents.unsqueeze(-1).to(torch.float32))
-    return values.flatten(-2).to(dtype)
+    values = _BYTE_VALUES.to(blocks.device)[blocks.long()].flatten(-2)  # [..., G, 32]
+    scale = torch.exp2(scales.float() - 127).unsqueeze(-1)  # E8M0: a power of two, exact in float32
+    return (values * scale).flatten(-2).to(dtype)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
