@@ -20,7 +20,7 @@ _PANELS = (("ttft", "time to first token"), ("itl", "inter-token latency"), ("e2
 
 def plot_series(series: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
     """`series` maps a label to the runs of one sweep (dicts from `summarize`); x is
-    output tokens/s, each point is annotated with its concurrency (and rate)."""
+    output tokens/s, each point is annotated with its concurrency, or its request rate."""
     try:
         import matplotlib
 
@@ -60,7 +60,7 @@ def plot_series(series: dict[str, list[dict]], path: str | Path, title: str = ""
 
 def _point_label(run: dict) -> str:
     rate = run.get("request_rate")
-    return f"c{run['concurrency']}" + (f"@{rate:g}/s" if rate is not None else "")
+    return f"{rate:g}/s" if rate is not None else f"c{run['concurrency']}"
 
 
 def main(argv: list[str]) -> int:
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
         return 2
     series = {}
     for arg in argv[1:]:
-        label, file = arg.split("=", 1)
+        label, file = arg.rsplit("=", 1)  # a label may hold "=", a file name rarely does
         series[label] = json.loads(Path(file).read_text())["runs"]
     plot_series(series, argv[0], title)
     return 0
