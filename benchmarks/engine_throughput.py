@@ -35,20 +35,20 @@ def workload(c: int, args) -> tuple[list[list[int]], list[int]]:
     g = torch.Generator().manual_seed(c)
     num = c * args.rounds
     lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (num,), generator=g).tolist()
-    prompts = [torch.randint(0, 199999, (n,), generator=g).tolist() for n in lengths]
+    prompts = [torch.randint(0, args.vocab_size - 1, (n,), generator=g).tolist() for n in lengths]
     if args.fixed_output:
         return prompts, [args.output_len] * num
     low, high = max(1, args.output_len // 4), args.output_len * 7 // 4
     return prompts, torch.randint(low, high + 1, (num,), generator=g).tolist()
 
 
-def run_engine(path: str, prompts: list[list[int]], out_lens: list[int], c: int) -> float:
+def run_engine(path: str, prompts: list[list[int]], out_lens: list[int], c: int, dequantize: bool = False) -> float:
     from gptoss_ray.engine.llm import LLM
     from gptoss_ray.sampling_params import SamplingParams
 
     per_seq = -(-(max(map(len, prompts)) + max(out_lens)) // 16)  # blocks
     llm = LLM(model=path, dtype="float32", max_num_seqs=c, num_kv_blocks=c * per_seq + 64, max_model_len=per_seq * 16,
-              max_num_batched_tokens=2048, enable_prefix_caching=False)
+              max_num_batched_tokens=2048, enable_prefix_caching=False, dequantize_experts=dequantize)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2))  # warm-up
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -63,7 +63,7 @@ def run_transformers(path: str, prompts: list[list[int]], out_lens: list[int], c
 
     model = GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
                                               dtype=torch.float32).eval()
-    pad = 199999
+    pad = model.config.vocab_size - 1  # never in a prompt (the workload draws below it)
     model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
     start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(0, len(prompts), c):
@@ -92,6 +92,8 @@ def main() -> None:
                    help="alternate the two systems this many times, keep each one's best (a shared machine's noise)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1: a shared CPU)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--dequantize-experts", action="store_true",
+                   help="engine unpacks MXFP4 experts at load, as transformers does (EngineConfig.dequantize_experts)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -102,6 +104,9 @@ def main() -> None:
     from gptoss_ray.checkpoint import default_demo_checkpoint
 
     path = args.model or str(default_demo_checkpoint())
+    from gptoss_ray.config import ModelConfig
+
+    args.vocab_size = ModelConfig.from_json_file(f"{path}/config.json").vocab_size
     rows = []
     print(f"{'C':>4} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>7}   "
           f"{'engine tok/cpu-s':>16} {'transformers tok/cpu-s':>23} {'ratio':>7}")
@@ -109,7 +114,7 @@ def main() -> None:
         prompts, out_lens = workload(c, args)
         ours, theirs = (0.0, 0.0), (0.0, 0.0)
         for _ in range(args.repeat):  # best of each: wall and CPU time separately
-            ours = tuple(map(max, ours, run_engine(path, prompts, out_lens, c)))
+            ours = tuple(map(max, ours, run_engine(path, prompts, out_lens, c, args.dequantize_experts)))
             theirs = tuple(map(max, theirs, run_transformers(path, prompts, out_lens, c)))
         rows.append({"concurrency": c, "engine_tok_s": ours[0], "transformers_tok_s": theirs[0],
                      "ratio": ours[0] / theirs[0], "engine_tok_cpu_s": ours[1],

@@ -65,19 +65,23 @@ def moe_experts_ref(
     """x [N, H], expert_ids [N] (local 0..E-1), weights [N] -> [N, H]: row n is
     weights[n] * expert_{ids[n]}(x[n]). Loops over the experts present, dequantizing
     each one's weights once (the Triton kernel does it in registers instead)."""
-    out = torch.zeros_like(x)
     if x.shape[0] == 0:
-        return out
+        return torch.zeros_like(x)
     order = torch.argsort(expert_ids, stable=True)
     counts = torch.bincount(expert_ids, minlength=w.num_experts).tolist()
+    xs, ws = x[order], weights[order, None].to(x.dtype)  # pairs grouped by expert: contiguous slices
+    gate_up_bias, down_bias = w.gate_up_bias.to(x.dtype), w.down_bias.to(x.dtype)
+    out_sorted = torch.empty_like(xs)
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
             continue
-        rows = order[start : start + count]
-        start += count
-        h = x[rows] @ w.gate_up(e, x.dtype).T + w.gate_up_bias[e].to(x.dtype)  # [n, 2I]
+        end = start + count
+        h = torch.addmm(gate_up_bias[e], xs[start:end], w.gate_up(e, x.dtype).T)  # [n, 2I]
         h = swiglu(h, alpha, limit)  # [n, I]
-        y = h @ w.down(e, x.dtype).T + w.down_bias[e].to(x.dtype)  # [n, H]
-        out[rows] = y * weights[rows, None].to(x.dtype)
+        y = torch.addmm(down_bias[e], h, w.down(e, x.dtype).T)  # [n, H]
+        out_sorted[start:end] = y * ws[start:end]
+        start = end
+    out = torch.empty_like(x)
+    out[order] = out_sorted
     return out

@@ -143,3 +143,15 @@ def test_unquantized_experts_give_the_same_model(tiny_ckpt, tmp_path):
     plain = load_model(out)
     assert not hasattr(plain.model.layers[0].mlp.experts, "gate_up_blocks")
     torch.testing.assert_close(full_logits(plain, ids), full_logits(quantized, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_dequantized_experts_compute_the_same_model(tiny_odd_ckpt):
+    """dequantize_experts (memory for speed on CPU) unpacks to exactly the values the
+    packed path computes with."""
+    ids = _prompt(9, 14)
+    packed = load_model(tiny_odd_ckpt)
+    unpacked = load_model(tiny_odd_ckpt)
+    unpacked.dequantize_experts()
+    experts = unpacked.model.layers[0].mlp.experts
+    assert not hasattr(experts, "gate_up_blocks") and experts.gate_up_weight.dtype == torch.float32
+    torch.testing.assert_close(full_logits(unpacked, ids), full_logits(packed, ids), atol=1e-5, rtol=1e-5)

@@ -146,6 +146,7 @@ _OVERRIDES = {
     "kv_heads": "num_key_value_heads",
     "head_dim": "head_dim",
     "sliding_window": "sliding_window",
+    "vocab_size": "vocab_size",
 }
 
 
@@ -163,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = {field: getattr(args, flag) for flag, field in _OVERRIDES.items() if getattr(args, flag) is not None}
     if "num_hidden_layers" in overrides:
         base.pop("layer_types")  # re-derive the alternation for the new depth
+    vocab = overrides.get("vocab_size", base["vocab_size"])
+    if vocab <= max(base["eos_token_id"], base["pad_token_id"]):  # a small vocabulary: keep the ids inside it
+        base["eos_token_id"], base["pad_token_id"] = vocab - 2, vocab - 1
     config = ModelConfig.from_dict(base | overrides, source="make-checkpoint flags")
     if config.num_params() > 2e9:
         raise CheckpointError(f"{config.num_params() / 1e9:.0f}B random parameters is too large to write; use real weights")

@@ -60,6 +60,7 @@ def build_worker_config(config: EngineConfig) -> tuple[WorkerConfig, ModelConfig
         model_path=str(path), dtype=dtype, device=device, block_size=bs, num_blocks=num_blocks,
         num_sliding_blocks=num_sliding, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
         ep_size=config.ep_size, eos_token_ids=tuple(eos_token_ids(model)),
+        dequantize_experts=config.dequantize_experts,
     )
     return worker, model
 

@@ -39,6 +39,7 @@ class WorkerConfig:
     ep_size: int = 1  # expert-parallel ranks; with > 1 every rank runs forward every step
     eos_token_ids: tuple[int, ...] = ()  # masked while a sequence is under min_tokens
     seed: int | None = None  # unseeded sampling's generator; None = from the OS
+    dequantize_experts: bool = False  # unpack MXFP4 experts at load (memory for speed on CPU)
 
 
 @dataclass(eq=False)
@@ -76,6 +77,8 @@ class Worker:
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.model = self.load_model()
+        if config.dequantize_experts:
+            self.model.dequantize_experts()
         self.model_config = self.model.config
         for moe in self.model.moe_layers():  # a bincount per layer per step, for the expert-load metric
             moe.record_expert_load = True

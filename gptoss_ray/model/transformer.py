@@ -69,6 +69,11 @@ class GptOssModel(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers]
 
+    def dequantize_experts(self) -> None:
+        """See LocalExperts.dequantize_: memory for speed where no MXFP4 kernel runs."""
+        for moe in self.moe_layers():
+            moe.experts.dequantize_()
+
     @torch.inference_mode()
     def forward(
         self,
