@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                         help="do not reuse KV blocks of shared prompt prefixes")
+    parser.add_argument("--dequantize-experts", action="store_true", default=None,
+                        help="unpack MXFP4 experts at load: faster on CPU, ~4x their memory")
     parser.add_argument("--worker-num-cpus", type=float, default=None, help="logical CPUs per worker actor")
     parser.add_argument("--max-queued-requests", type=int, default=None,
                         help="requests waiting beyond max-num-seqs before 429 (bounded queue)")
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     engine = {"model": args.model, "ep_size": args.ep_size, "dtype": args.dtype, "device": args.device}
     for name in ("max_model_len", "max_num_seqs", "worker_num_cpus", "max_num_batched_tokens",
-                 "kv_cache_memory_gb", "num_kv_blocks", "block_size", "enable_prefix_caching"):
+                 "kv_cache_memory_gb", "num_kv_blocks", "block_size", "enable_prefix_caching",
+                 "dequantize_experts"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
     serve_args = {"engine": engine, "served_model_name": args.served_model_name, "api_key": args.api_key,
