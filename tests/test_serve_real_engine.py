@@ -68,8 +68,11 @@ def aborted(app) -> float:
 def test_disconnect_mid_stream_frees_kv_blocks(app):
     idle, aborted_before = stats(app), aborted(app)
     assert idle["num_free_blocks"] == idle["num_total_blocks"]
-    # 3500 tokens would take minutes on this CPU: blocks freed in the wait below were freed by the abort
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3500, "stream": True, "ignore_eos": True}
+    # 3500 tokens would take minutes on this CPU: blocks freed in the wait below were freed by the abort.
+    # min_tokens bans the harmony stop tokens (<|return|>, <|call|>) that the random model
+    # may sample at any step (ignore_eos alone leaves them in force), so the stream is long.
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 3500, "min_tokens": 3500, "stream": True,
+            "ignore_eos": True}
     with httpx.stream("POST", app[0] + "/v1/chat/completions", json=body, timeout=120) as r:
         lines = r.iter_lines()
         events = [line for line in (next(lines) for _ in range(12)) if line.startswith("data: ")]
