@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from servers import server_process
 
 from gptoss_ray.checkpoint.write import default_demo_checkpoint
 from gptoss_ray.cli import main as cli_main
+from gptoss_ray.serve.testing import free_port
 
 openai = pytest.importorskip("openai")
 
@@ -24,36 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("peer") / "stderr.log"
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "peer_server.py"), "--port", str(port),
            "--model", str(default_demo_checkpoint()), "--served-model-name", "peer", "--max-batch-size", "4"]
-    # stderr to a file, not a pipe: a pipe nobody reads blocks the server once it fills.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"peer server exited: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "peer server did not come up"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
+    with server_process(cmd, port, log, env, ready_timeout_s=120) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_openai_sdk_streams_and_counts_exactly(peer):

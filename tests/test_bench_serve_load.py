@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptoss_ray.cli import main as cli_main
+from gptoss_ray.serve.testing import free_port
 
 MODEL = "fake-model"
 
@@ -98,16 +98,10 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     fake = FakeServer()
-    port = _free_port()
+    port = free_port()
     # The app object stays the same across reset(): routes read `fake`'s attributes.
     uv = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -266,5 +260,5 @@ def test_benchmarks_script_is_the_same_command():
 def test_bad_base_url_and_dead_server(capsys):
     assert cli_main(["bench", "--base-url", "localhost:8000"]) == 2
     assert "--base-url must look like http://HOST:PORT/v1" in capsys.readouterr().err
-    assert cli_main(["bench", "--base-url", f"http://127.0.0.1:{_free_port()}", "--warmup", "0"]) == 2
+    assert cli_main(["bench", "--base-url", f"http://127.0.0.1:{free_port()}", "--warmup", "0"]) == 2
     assert "is the server up?" in capsys.readouterr().err

@@ -11,7 +11,6 @@ CPUs, a small KV budget, and 127.0.0.1 on a free port.
 from __future__ import annotations
 
 import copy
-import socket
 import time
 from pathlib import Path
 
@@ -19,16 +18,12 @@ import httpx
 import pytest
 import yaml
 
+from gptoss_ray.serve.testing import free_port
+
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
 API_KEY = "test-deploy-key"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_config(port: int) -> dict:
@@ -66,7 +61,7 @@ def served(tmp_path_factory):
     from ray.serve._private import api as serve_api  # what `serve run CONFIG.yaml` calls
     from ray.serve.schema import ServeDeploySchema
 
-    port = _free_port()
+    port = free_port()
     config = ServeDeploySchema.model_validate(cpu_config(port))
     mp = pytest.MonkeyPatch()
     mp.setenv("GPTOSS_RAY_API_KEY", API_KEY)  # as the Kubernetes Secret sets it on the pods

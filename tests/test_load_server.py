@@ -14,9 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,8 +21,10 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from servers import server_process
 
 from gptoss_ray.harmony.render import render_chat
+from gptoss_ray.serve.testing import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -37,46 +36,17 @@ CONCURRENCY = 32
 KINDS = ("stream", "stream", "stream", "stream_natural", "plain", "plain", "abort", "invalid")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "gptoss_ray.cli", "serve", "--port", str(port), "--served-model-name", MODEL,
            "--device", "cpu", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
            "--num-cpus", "4", "--worker-num-cpus", "0.1"]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # Own session: the teardown signal reaches the CLI, which shuts Serve and Ray down.
-    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_ready(proc, base, log)
+    with server_process(cmd, port, log, env) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _wait_until_ready(proc: subprocess.Popen, base: str, log) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"server not ready in 180 s:\n{log.read_text()[-3000:]}")
 
 
 @dataclass
