@@ -1,0 +1,73 @@
+"""The torch reference MoE's two CPU paths: the loop over experts and the grouped matmul
+it switches to when experts are plain and pairs per expert are few (decode steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss_kernels import moe
+from gptoss_kernels.moe import ExpertWeights, moe_experts_ref
+
+
+def plain_experts(num_experts, hidden, inter, dtype, gen) -> ExpertWeights:
+    return ExpertWeights(
+        gate_up_bias=(torch.randn(num_experts, 2 * inter, generator=gen) * 0.5).to(dtype),
+        down_bias=(torch.randn(num_experts, hidden, generator=gen) * 0.5).to(dtype),
+        gate_up_weight=(torch.randn(num_experts, 2 * inter, hidden, generator=gen) * 0.2).to(dtype),
+        down_weight=(torch.randn(num_experts, hidden, inter, generator=gen) * 0.2).to(dtype),
+    )
+
+
+def per_pair(x, ids, weights, w: ExpertWeights, alpha=1.702, limit=7.0) -> torch.Tensor:
+    """Each pair on its own, straight from the definition, in float64."""
+    rows = []
+    for n in range(x.shape[0]):
+        e = int(ids[n])
+        h = w.gate_up_weight[e].double() @ x[n].double() + w.gate_up_bias[e].double()
+        gate, up = h[0::2].clamp(max=limit), h[1::2].clamp(min=-limit, max=limit)
+        act = (up + 1) * gate * torch.sigmoid(alpha * gate)
+        rows.append(weights[n].double() * (w.down_weight[e].double() @ act + w.down_bias[e].double()))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_path_equals_the_loop_and_the_definition(dtype, monkeypatch):
+    """40 pairs over 6 experts (expert 3 gets none, one expert gets one pair): few per
+    expert, so the grouped path runs; forcing the loop gives the same rows."""
+    gen = torch.Generator().manual_seed(0)
+    w = plain_experts(6, 64, 32, dtype, gen)
+    ids = torch.randint(0, 6, (40,), generator=gen)
+    ids[ids == 3] = 2
+    ids[0] = 5
+    ids[ids == 5] = 1
+    ids[0] = 5  # expert 5: exactly one pair
+    x = torch.randn(40, 64, generator=gen).to(dtype)
+    weights = torch.rand(40, generator=gen).to(dtype)
+
+    calls = []
+    real = moe._moe_experts_grouped
+    monkeypatch.setattr(moe, "_moe_experts_grouped", lambda *a: calls.append(1) or real(*a))
+    grouped = moe_experts_ref(x, ids, weights, w)
+    assert calls, "few pairs per expert with plain weights should take the grouped path"
+    monkeypatch.setattr(moe, "GROUPED_MAX_ROWS_PER_EXPERT", 0)
+    looped = moe_experts_ref(x, ids, weights, w)
+    assert len(calls) == 1
+
+    exact = per_pair(x, ids, weights, w)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    scale = exact.abs().max().item()
+    torch.testing.assert_close(grouped.double(), exact, rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(looped.double(), exact, rtol=tol, atol=tol * scale)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grouped, looped, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_many_pairs_per_expert_keep_the_loop(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    w = plain_experts(2, 32, 32, torch.float32, gen)
+    n = 2 * moe.GROUPED_MAX_ROWS_PER_EXPERT + 1
+    monkeypatch.setattr(moe, "_moe_experts_grouped", lambda *a: pytest.fail("grouped path taken"))
+    x, ids = torch.randn(n, 32, generator=gen), torch.randint(0, 2, (n,), generator=gen)
+    out = moe_experts_ref(x, ids, torch.ones(n), w)
+    torch.testing.assert_close(out.double(), per_pair(x, ids, torch.ones(n), w), rtol=1e-5, atol=1e-4)
