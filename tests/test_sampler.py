@@ -179,3 +179,22 @@ def test_top_k_top_p_candidates_equal_the_full_sort(scale, monkeypatch):
     assert torch.equal(fast[~fast.isinf()], logits[~fast.isinf()])
     only_k = sampler._apply_top_k_top_p(logits, top_k, None)
     assert torch.equal(only_k.isinf(), sampler._sort_top_k_top_p(logits, top_k, torch.ones(12)).isinf())
+
+
+@pytest.mark.parametrize("vocab", [201088, 8192, 6000, 1571, 50])  # blocked (several widths) and fallback
+def test_argmax_rows_equals_torch_argmax_with_ties_and_infinities(vocab):
+    from gptoss_ray.engine.sampler import argmax_rows
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g)
+    x[1] = 0.0  # all tied: the first index
+    x[2, vocab // 3], x[2, vocab - 1] = 50.0, 50.0  # tie across blocks: the first
+    x[3] = float("-inf")
+    x[4, -1] = float("inf")
+    x[5, :] = -1.0
+    x[5, vocab // 2 :: 7] = 3.0  # many ties inside and across blocks
+    x[6] = x[6].round()  # many ties among small integers
+    expected = x.argmax(dim=-1)
+    assert argmax_rows(x).tolist() == expected.tolist()
+    assert argmax_rows(x[:0]).shape == (0,)
+    assert argmax_rows(x[7:8] * 1).tolist() == expected[7:8].tolist()

@@ -12,6 +12,7 @@ Every optional stage is skipped when no row of the batch uses it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,31 @@ if TYPE_CHECKING:
 
 _MASK64 = (1 << 64) - 1
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (avoids dividing logits by ~0)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_width(v: int) -> int | None:
+    """The divisor of v nearest 2048 within [64, 16384], or None (then argmax_rows falls back)."""
+    widths = [w for w in range(64, min(v, 16384) + 1) if v % w == 0]
+    return min(widths, key=lambda w: abs(w - 2048)) if widths else None
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(dim=-1) for x [S, V]: the same indices (the first maximum of each row).
+
+    On a CPU, torch's argmax is a scalar loop (about 0.1 ms per row of the 201k vocab, 1.7 ms
+    for 16 rows on one core) while amax is vectorized and ten times faster; so find the
+    first block of each row that holds its maximum with amax, then argmax inside that block
+    only. Ties and NaN resolve as argmax does: the first block whose amax is the row's
+    maximum (or NaN) holds the first such element."""
+    s, v = x.shape
+    width = None if x.is_cuda or s == 0 else _block_width(v)
+    if width is None or width == v:
+        return x.argmax(dim=-1)
+    blocks = x.reshape(s, v // width, width)
+    which = blocks.amax(dim=-1).argmax(dim=-1)  # [S]
+    inner = blocks[torch.arange(s, device=x.device), which].argmax(dim=-1)  # [S]
+    return which * width + inner
 
 
 def mix_seed(seed: int, sample_index: int, position: int) -> int:
@@ -168,7 +194,7 @@ class Sampler:
             logits = _apply_penalties(logits, meta.penalties)
         for row, stop_ids in meta.banned:
             logits[row, stop_ids] = float("-inf")
-        tokens = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)  # [S]
+        tokens = argmax_rows(logits) if meta.all_greedy else self._sample(logits, meta)  # [S]
         token_list = tokens.tolist()
         logprobs: list[dict[int, float] | None] = [None] * len(token_list)
         if raw_lp is not None:
@@ -185,7 +211,7 @@ class Sampler:
         return SamplerOutput(token_ids=token_list, logprobs=logprobs)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        greedy_tokens = logits.argmax(dim=-1)  # [S]
+        greedy_tokens = argmax_rows(logits)  # [S]
         logits = logits / meta.temperature.unsqueeze(1)
         if meta.top_k is not None or meta.top_p is not None:
             logits = _apply_top_k_top_p(logits, meta.top_k, meta.top_p)
@@ -201,7 +227,7 @@ class Sampler:
         for row, seed in meta.seeds:
             self._seeded.manual_seed(seed)
             q[row].exponential_(generator=self._seeded)
-        return (probs / q).argmax(dim=-1)
+        return argmax_rows(probs / q)
 
     def _inverse_cdf(self, probs: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         cdf = probs.cumsum(dim=-1)  # [S, V], unnormalized after min-p
