@@ -184,3 +184,15 @@ def test_lost_workers_fail_running_requests_and_the_engine_recovers(tiny_ckpt):
     assert out[("r2", 0)] == expected[("r2", 0)]
     assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
     assert run_all(engine, {"again": requests["r0"]})[("again", 0)] == expected[("r0", 0)]
+
+
+def test_cpu_engine_unpacks_experts_by_default_with_the_packed_output(tiny_ckpt):
+    """dequantize_experts=None (auto) unpacks MXFP4 experts on CPU; the packed engine (the
+    GPU layout, dequantizing inside every step) gives the same greedy tokens."""
+    requests = {f"r{i}": (prompt(4 + 7 * i, seed=30 + i), GREEDY) for i in range(6)}
+    auto, packed = make_engine(tiny_ckpt), make_engine(tiny_ckpt, dequantize_experts=False)
+    experts = [m.experts for m in auto.executor.worker.model.moe_layers()]
+    assert all(hasattr(e, "gate_up_weight") and not hasattr(e, "gate_up_blocks") for e in experts)
+    experts = [m.experts for m in packed.executor.worker.model.moe_layers()]
+    assert all(hasattr(e, "gate_up_blocks") and not hasattr(e, "gate_up_weight") for e in experts)
+    assert run_all(auto, requests) == run_all(packed, requests)

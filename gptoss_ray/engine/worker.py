@@ -12,13 +12,26 @@ sequence, R rows of the block-table tensors (= max_num_seqs).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, StepPlan, StepResult
-from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata, TokenHistory
+from gptoss_ray.engine.plan import (
+    FULL,
+    SLIDING,
+    BlockTableUpdates,
+    NewSequence,
+    StepPlan,
+    StepResult,
+)
+from gptoss_ray.engine.sampler import (
+    GREEDY_BELOW,
+    Sampler,
+    SamplingMetadata,
+    TokenHistory,
+)
 from gptoss_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,7 +52,26 @@ class WorkerConfig:
     ep_size: int = 1  # expert-parallel ranks; with > 1 every rank runs forward every step
     eos_token_ids: tuple[int, ...] = ()  # masked while a sequence is under min_tokens
     seed: int | None = None  # unseeded sampling's generator; None = from the OS
-    dequantize_experts: bool = False  # unpack MXFP4 experts at load (memory for speed on CPU)
+    dequantize_experts: bool | None = None  # unpack MXFP4 experts at load; None = auto (see EngineConfig)
+
+
+def should_dequantize(choice: bool | None, device: torch.device, model) -> bool:
+    """EngineConfig.dequantize_experts: an explicit choice stands; auto unpacks on CPU when
+    the unpacked experts fit in a quarter of the memory available now."""
+    if choice is not None:
+        return choice
+    if device.type != "cpu":
+        return False
+    packed = [m.experts.gate_up_blocks.numel() + m.experts.down_blocks.numel()  # 2 weights per byte
+              for m in model.moe_layers() if hasattr(m.experts, "gate_up_blocks")]
+    if not packed:
+        return False
+    unpacked_bytes = 2 * sum(packed) * model.moe_layers()[0].experts.gate_up_bias.element_size()
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: stay packed
+        return False
+    return unpacked_bytes <= available // 4
 
 
 @dataclass(eq=False)
@@ -77,7 +109,7 @@ class Worker:
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.model = self.load_model()
-        if config.dequantize_experts:
+        if should_dequantize(config.dequantize_experts, self.device, self.model):
             self.model.dequantize_experts()
         self.model_config = self.model.config
         for moe in self.model.moe_layers():  # a bincount per layer per step, for the expert-load metric
