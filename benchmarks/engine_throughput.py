@@ -42,12 +42,13 @@ def workload(c: int, args) -> tuple[list[list[int]], list[int]]:
     return prompts, torch.randint(low, high + 1, (num,), generator=g).tolist()
 
 
-def run_engine(path: str, prompts: list[list[int]], out_lens: list[int], c: int, dequantize: bool = False) -> float:
+def run_engine(path: str, prompts: list[list[int]], out_lens: list[int], c: int, dtype: str,
+               dequantize: bool | None = None) -> float:
     from gptoss_ray.engine.llm import LLM
     from gptoss_ray.sampling_params import SamplingParams
 
     per_seq = -(-(max(map(len, prompts)) + max(out_lens)) // 16)  # blocks
-    llm = LLM(model=path, dtype="float32", max_num_seqs=c, num_kv_blocks=c * per_seq + 64, max_model_len=per_seq * 16,
+    llm = LLM(model=path, dtype=dtype, max_num_seqs=c, num_kv_blocks=c * per_seq + 64, max_model_len=per_seq * 16,
               max_num_batched_tokens=2048, enable_prefix_caching=False, dequantize_experts=dequantize)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2))  # warm-up
@@ -58,11 +59,11 @@ def run_engine(path: str, prompts: list[list[int]], out_lens: list[int], c: int,
     return sum(out_lens) / wall, sum(out_lens) / cpu
 
 
-def run_transformers(path: str, prompts: list[list[int]], out_lens: list[int], c: int) -> float:
+def run_transformers(path: str, prompts: list[list[int]], out_lens: list[int], c: int, dtype: str) -> float:
     from transformers import GptOssForCausalLM, Mxfp4Config
 
     model = GptOssForCausalLM.from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True),
-                                              dtype=torch.float32).eval()
+                                              dtype=getattr(torch, dtype)).eval()
     pad = model.config.vocab_size - 1  # never in a prompt (the workload draws below it)
     model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -90,10 +91,13 @@ def main() -> None:
     p.add_argument("--fixed-output", action="store_true", help="every output exactly --output-len tokens")
     p.add_argument("--repeat", type=int, default=2,
                    help="alternate the two systems this many times, keep each one's best (a shared machine's noise)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and activations, the same for both systems")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1: a shared CPU)")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--dequantize-experts", action="store_true",
-                   help="engine unpacks MXFP4 experts at load, as transformers does (EngineConfig.dequantize_experts)")
+    p.add_argument("--packed-experts", action="store_true",
+                   help="engine keeps MXFP4 experts packed (the GPU layout) instead of its CPU default, unpacking "
+                   "them at load as transformers does (EngineConfig.dequantize_experts)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -114,8 +118,8 @@ def main() -> None:
         prompts, out_lens = workload(c, args)
         ours, theirs = (0.0, 0.0), (0.0, 0.0)
         for _ in range(args.repeat):  # best of each: wall and CPU time separately
-            ours = tuple(map(max, ours, run_engine(path, prompts, out_lens, c, args.dequantize_experts)))
-            theirs = tuple(map(max, theirs, run_transformers(path, prompts, out_lens, c)))
+            ours = tuple(map(max, ours, run_engine(path, prompts, out_lens, c, args.dtype, False if args.packed_experts else None)))
+            theirs = tuple(map(max, theirs, run_transformers(path, prompts, out_lens, c, args.dtype)))
         rows.append({"concurrency": c, "engine_tok_s": ours[0], "transformers_tok_s": theirs[0],
                      "ratio": ours[0] / theirs[0], "engine_tok_cpu_s": ours[1],
                      "transformers_tok_cpu_s": theirs[1], "ratio_cpu": ours[1] / theirs[1]})
