@@ -124,3 +124,19 @@ def test_recipientless_commentary_is_content():
     p, _ = stream("<|channel|>commentary<|message|>Let me check.<|end|>"
                   "<|start|>assistant<|channel|>final<|message|>Done.<|return|>")
     assert p.content == "Let me check.Done." and not p.tool_calls and not p.malformed
+
+
+def test_a_header_that_never_ends_is_content_not_swallowed():
+    """A model off the grammar: a special token, then plain text that never reaches
+    <|message|>. The text must stream as content long before the output ends (a random
+    model did this, and a 3,500-token stream came back empty)."""
+    words = " ".join(f"word{i}" for i in range(300))
+    p, deltas = stream("<|channel|>" + words)
+    assert p.malformed and joined(deltas, "content").strip().endswith("word299")
+    assert "word0" in joined(deltas, "content")
+    parser, streamed = HarmonyStreamParser(), []
+    for n, t in enumerate(ids("<|channel|>" + words), 1):
+        streamed += parser.feed([t])
+        if streamed:
+            break
+    assert streamed and n <= 130  # content flows once the header passes MAX_HEADER_TOKENS_ANY

@@ -34,6 +34,10 @@ CHANNELS = ("analysis", "commentary", "final")
 # A header longer than this with no special token is not a header: the model is
 # writing plain text, which we hand back as content instead of waiting for EOS.
 MAX_HEADER_TOKENS = 32
+# No header is longer than this even with special tokens in it (a real one, with a
+# recipient and a constraint, is under 20): past it the model is off the grammar, and
+# waiting for <|message|> would swallow the rest of the output.
+MAX_HEADER_TOKENS_ANY = 128
 
 
 @dataclass
@@ -175,7 +179,9 @@ class HarmonyStreamParser:
             self.num_reasoning_tokens += 1
         if state == StreamState.HEADER:
             self._header.append(token)
-            if len(self._header) > MAX_HEADER_TOKENS and not any(self._enc.is_special_token(t) for t in self._header):
+            if len(self._header) > MAX_HEADER_TOKENS_ANY or (
+                len(self._header) > MAX_HEADER_TOKENS and not any(self._enc.is_special_token(t) for t in self._header)
+            ):
                 self._malformed("output is plain text without a harmony header")
                 self._enter_raw(self._header, deltas)
             return
