@@ -34,8 +34,10 @@ def ray_cluster():
 
 def make_engine(ckpt, ep_size: int, **overrides) -> LLMEngine:
     """Built the way users build it, `LLM(model=..., ep_size=N)`; its engine is driven
-    step by step below."""
-    config = dict(worker_num_cpus=0.1, num_kv_blocks=64, max_model_len=256, max_num_seqs=8, device="cpu")
+    step by step below. Experts stay MXFP4-packed, as on the GPUs expert parallelism is for
+    (and so each rank's expert bytes are the checkpoint's)."""
+    config = dict(worker_num_cpus=0.1, num_kv_blocks=64, max_model_len=256, max_num_seqs=8, device="cpu",
+                  dequantize_experts=False)
     engine = LLM(model=str(ckpt), ep_size=ep_size, dtype="float32", **(config | overrides)).engine
     assert isinstance(engine.executor, RayExecutor if ep_size > 1 else InProcessExecutor)
     return engine

@@ -56,11 +56,14 @@ class WorkerConfig:
 
 
 def should_dequantize(choice: bool | None, device: torch.device, model) -> bool:
-    """EngineConfig.dequantize_experts: an explicit choice stands; auto unpacks on CPU when
-    the unpacked experts fit in a quarter of the memory available now."""
+    """EngineConfig.dequantize_experts: an explicit choice stands; auto unpacks where the
+    torch reference runs the experts (CPU, unless GPTOSS_KERNELS forces Triton) and the
+    unpacked experts fit in a quarter of the memory available now."""
+    from gptoss_kernels.ops import use_triton
+
     if choice is not None:
         return choice
-    if device.type != "cpu":
+    if device.type != "cpu" or use_triton(torch.empty(0, device=device)):
         return False
     packed = [m.experts.gate_up_blocks.numel() + m.experts.down_blocks.numel()  # 2 weights per byte
               for m in model.moe_layers() if hasattr(m.experts, "gate_up_blocks")]
