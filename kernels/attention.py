@@ -101,9 +101,13 @@ def _decode_batched(q, k_cache, v_cache, block_tables, context_lens, sinks, sm_s
     num_blocks = (int(ctx.max()) + block_size - 1) // block_size
     # the query sits at position ctx - 1 and sees positions > ctx - 1 - window
     first = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)  # [B]
-    tables = block_tables[:, :num_blocks].long()  # [B, MB']
-    pos = torch.arange(num_blocks * block_size, device=q.device)  # [S]
-    visible = (pos[None, :] < ctx[:, None]) & (pos[None, :] >= first[:, None])  # [B, S]
+    cols = torch.arange(num_blocks, device=q.device)[None, :]  # [1, MB']: the blocks read
+    if window is not None and num_blocks > (span := (window - 1) // block_size + 2):
+        # a window touches at most `span` blocks: read those, not the whole context
+        cols = (first // block_size).clamp(max=num_blocks - span)[:, None] + cols[:, :span]  # [B, span]
+    tables = block_tables[:, :num_blocks].long().gather(1, cols.expand(b, -1))  # [B, MB']
+    pos = (cols[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)  # [B or 1, S]
+    visible = (pos < ctx[:, None]) & (pos >= first[:, None])  # [B, S]
     visible &= (tables >= 0).repeat_interleave(block_size, dim=1)
     keys = k_cache[tables.clamp(min=0)].flatten(1, 2).float()  # [B, S, Hkv, D]
     vals = v_cache[tables.clamp(min=0)].flatten(1, 2).float()
