@@ -168,10 +168,10 @@ def test_invalid_params_name_the_param(field, value):
 def test_top_k_top_p_candidates_equal_the_full_sort(scale, monkeypatch):
     from gptoss_ray.engine import sampler
 
-    monkeypatch.setattr(sampler, "TOP_CANDIDATES", 64)
+    monkeypatch.setattr(sampler, "TOP_CANDIDATE_STAGES", (16, 64))  # both stages, then the sort
     vocab = 3000
     logits = torch.randn(12, vocab) * scale
-    top_k = torch.tensor([vocab, 5, 64, 65, 2000, vocab] * 2)
+    top_k = torch.tensor([vocab, 5, 64, 65, 2000, vocab, 16, 17] + [vocab] * 4)
     top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 0.3, 1.0, 0.99, 0.2, 1.0, 0.7, 0.8, 0.6])
     fast = sampler._apply_top_k_top_p(logits, top_k, top_p)
     slow = sampler._sort_top_k_top_p(logits, top_k, top_p)
