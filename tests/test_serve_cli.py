@@ -57,3 +57,15 @@ def test_serve_command_answers_and_stops(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("flags,expected", [([], None), (["--dequantize-experts"], True),
+                                            (["--no-dequantize-experts"], False)])
+def test_expert_unpacking_flag_is_auto_on_or_off(flags, expected):
+    import argparse
+
+    from gptoss_ray.serve.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(flags)).engine.dequantize_experts is expected

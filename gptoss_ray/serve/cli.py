@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                         help="do not reuse KV blocks of shared prompt prefixes")
-    parser.add_argument("--dequantize-experts", action="store_true", default=None,
-                        help="unpack MXFP4 experts at load: faster on CPU, ~4x their memory")
+    parser.add_argument("--dequantize-experts", action=argparse.BooleanOptionalAction, default=None,
+                        help="unpack MXFP4 experts at load: faster on CPU, ~4x their memory "
+                        "(default: on CPU when they fit in a quarter of free memory, never on GPUs)")
     parser.add_argument("--worker-num-cpus", type=float, default=None, help="logical CPUs per worker actor")
     parser.add_argument("--max-queued-requests", type=int, default=None,
                         help="requests waiting beyond max-num-seqs before 429 (bounded queue)")
