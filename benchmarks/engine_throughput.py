@@ -15,9 +15,9 @@ requests stop at different points), which is what people write first. Output tok
 counts each request's own tokens only, for both. --fixed-output makes every output
 `output-len` long: static batching's best case.
 
-Both run single-threaded in this process, so besides wall-clock tokens/s the script
-reports tokens per CPU-second of the process: on a shared machine, where wall time
-depends on what else runs, that is the steadier comparison.
+Both run single-threaded in this process, back to back, `--repeat` times: the table gives
+each system's best run and the spread of the per-pair ratios, since on a shared machine
+the wall time of any one run depends on what else runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 
 import torch
@@ -52,11 +53,11 @@ def run_engine(path: str, prompts: list[list[int]], out_lens: list[int], c: int,
               max_num_batched_tokens=2048, enable_prefix_caching=False, dequantize_experts=dequantize)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in out_lens]
     llm.generate(prompt_token_ids=prompts[:1], sampling_params=SamplingParams(max_tokens=2))  # warm-up
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    wall = time.perf_counter() - start
     assert [len(o.outputs[0].token_ids) for o in outs] == out_lens
-    return sum(out_lens) / wall, sum(out_lens) / cpu
+    return sum(out_lens) / wall
 
 
 def run_transformers(path: str, prompts: list[list[int]], out_lens: list[int], c: int, dtype: str) -> float:
@@ -66,7 +67,7 @@ def run_transformers(path: str, prompts: list[list[int]], out_lens: list[int], c
                                               dtype=getattr(torch, dtype)).eval()
     pad = model.config.vocab_size - 1  # never in a prompt (the workload draws below it)
     model.generate(torch.tensor([prompts[0]]), max_new_tokens=2, do_sample=False, pad_token_id=pad)  # warm-up
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     for i in range(0, len(prompts), c):
         batch, new_tokens = prompts[i : i + c], max(out_lens[i : i + c])
         width = max(map(len, batch))
@@ -76,21 +77,24 @@ def run_transformers(path: str, prompts: list[list[int]], out_lens: list[int], c
             out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                  do_sample=False, eos_token_id=None, pad_token_id=pad)
         assert out.shape[1] == width + new_tokens
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return sum(out_lens) / wall, sum(out_lens) / cpu
+    wall = time.perf_counter() - start
+    return sum(out_lens) / wall
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the tiny demo checkpoint)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--rounds", type=int, default=2, help="requests per concurrency level = rounds x C")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="requests per concurrency level = rounds x C (enough that the final drain, where few "
+                   "requests are left running, is a small part of the run, as in any real offline job)")
     p.add_argument("--min-prompt", type=int, default=16)
     p.add_argument("--max-prompt", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64, help="mean output length")
     p.add_argument("--fixed-output", action="store_true", help="every output exactly --output-len tokens")
     p.add_argument("--repeat", type=int, default=2,
-                   help="alternate the two systems this many times, keep each one's best (a shared machine's noise)")
+                   help="run the two systems back to back this many times: each one's best, and the spread of "
+                   "the per-pair ratios (a shared machine's noise)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights and activations, the same for both systems")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1: a shared CPU)")
@@ -113,18 +117,19 @@ def main() -> None:
     args.vocab_size = ModelConfig.from_json_file(f"{path}/config.json").vocab_size
     rows = []
     print(f"{'C':>4} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>7}   "
-          f"{'engine tok/cpu-s':>16} {'transformers tok/cpu-s':>23} {'ratio':>7}")
+          f"paired ratios (min / median / max of {args.repeat})")
     for c in args.concurrency:
         prompts, out_lens = workload(c, args)
-        ours, theirs = (0.0, 0.0), (0.0, 0.0)
-        for _ in range(args.repeat):  # best of each: wall and CPU time separately
-            ours = tuple(map(max, ours, run_engine(path, prompts, out_lens, c, args.dtype, False if args.packed_experts else None)))
-            theirs = tuple(map(max, theirs, run_transformers(path, prompts, out_lens, c, args.dtype)))
-        rows.append({"concurrency": c, "engine_tok_s": ours[0], "transformers_tok_s": theirs[0],
-                     "ratio": ours[0] / theirs[0], "engine_tok_cpu_s": ours[1],
-                     "transformers_tok_cpu_s": theirs[1], "ratio_cpu": ours[1] / theirs[1]})
-        print(f"{c:>4} {ours[0]:>13.1f} {theirs[0]:>19.1f} {ours[0] / theirs[0]:>6.2f}x   "
-              f"{ours[1]:>16.1f} {theirs[1]:>23.1f} {ours[1] / theirs[1]:>6.2f}x", flush=True)
+        pairs = []  # (engine, transformers) tok/s, measured back to back
+        for _ in range(args.repeat):
+            ours = run_engine(path, prompts, out_lens, c, args.dtype, False if args.packed_experts else None)
+            pairs.append((ours, run_transformers(path, prompts, out_lens, c, args.dtype)))
+        ours, theirs = max(p[0] for p in pairs), max(p[1] for p in pairs)
+        paired = sorted(e / t for e, t in pairs)
+        rows.append({"concurrency": c, "engine_tok_s": ours, "transformers_tok_s": theirs, "ratio": ours / theirs,
+                     "pairs": pairs, "paired_ratio_median": statistics.median(paired)})
+        print(f"{c:>4} {ours:>13.1f} {theirs:>19.1f} {ours / theirs:>6.2f}x   "
+              f"{paired[0]:.2f}x / {statistics.median(paired):.2f}x / {paired[-1]:.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": rows}, f, indent=2)
