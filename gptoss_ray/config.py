@@ -278,10 +278,10 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     dequantize_experts: bool | None = Field(
         None,
-        description="Unpack MXFP4 experts once at load (about 4x their memory in bf16): several times faster "
-        "on CPU, where no fused MXFP4 kernel runs. None (auto) unpacks on CPU when the unpacked experts take "
-        "at most a quarter of the memory available, and never on GPUs, whose Triton kernel reads the packed "
-        "weights.",
+        description="Unpack MXFP4 experts once at load, to float32 (8x their packed memory): several times "
+        "faster on CPU, where no fused MXFP4 kernel runs. None (auto) unpacks on CPU when the unpacked experts "
+        "take at most a quarter of the memory available, and never on GPUs, whose Triton kernel reads the "
+        "packed weights.",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement group strategy for the expert-parallel workers."

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from gptoss_kernels.mxfp4 import dequantize_mxfp4
 
 
@@ -32,6 +33,14 @@ class ExpertWeights:
     @property
     def num_experts(self) -> int:
         return self.gate_up_bias.shape[0]
+
+    def compute_dtype(self, x_dtype: torch.dtype) -> torch.dtype:
+        """Activations' dtype, or the plain weights' when wider: experts unpacked to float32
+        for a bf16 model (on CPU, where float32 matmuls are the faster ones) compute in
+        float32 and round the output to bf16, as the Triton kernel accumulates in float32."""
+        if self.gate_up_weight is None:
+            return x_dtype
+        return torch.promote_types(x_dtype, self.gate_up_weight.dtype)
 
     def gate_up(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's gate_up matrix [2I, H], dequantized."""
@@ -78,21 +87,22 @@ def moe_experts_ref(
         return _moe_experts_grouped(x, expert_ids, weights, w, alpha, limit)
     order = torch.argsort(expert_ids, stable=True)
     counts = torch.bincount(expert_ids, minlength=w.num_experts).tolist()
-    xs, ws = x[order], weights[order, None].to(x.dtype)  # pairs grouped by expert: contiguous slices
-    gate_up_bias, down_bias = w.gate_up_bias.to(x.dtype), w.down_bias.to(x.dtype)
+    dtype = w.compute_dtype(x.dtype)
+    xs, ws = x[order].to(dtype), weights[order, None].to(dtype)  # pairs grouped by expert: contiguous slices
+    gate_up_bias, down_bias = w.gate_up_bias.to(dtype), w.down_bias.to(dtype)
     out_sorted = torch.empty_like(xs)
     start = 0
     for e, count in enumerate(counts):
         if count == 0:
             continue
         end = start + count
-        h = torch.addmm(gate_up_bias[e], xs[start:end], w.gate_up(e, x.dtype).T)  # [n, 2I]
+        h = torch.addmm(gate_up_bias[e], xs[start:end], w.gate_up(e, dtype).T)  # [n, 2I]
         h = swiglu(h, alpha, limit)  # [n, I]
-        y = torch.addmm(down_bias[e], h, w.down(e, x.dtype).T)  # [n, H]
+        y = torch.addmm(down_bias[e], h, w.down(e, dtype).T)  # [n, H]
         out_sorted[start:end] = y * ws[start:end]
         start = end
     out = torch.empty_like(x)
-    out[order] = out_sorted
+    out[order] = out_sorted.to(x.dtype)
     return out
 
 
@@ -102,10 +112,11 @@ def _moe_experts_grouped(x, expert_ids, weights, w: ExpertWeights, alpha: float,
     order = torch.argsort(expert_ids, stable=True)
     sorted_ids = expert_ids[order]
     offs = torch.bincount(expert_ids, minlength=w.num_experts).cumsum(0).to(torch.int32)
-    gate_up_w, down_w = w.gate_up_weight.to(x.dtype), w.down_weight.to(x.dtype)
-    h = F.grouped_mm(x[order], gate_up_w.transpose(1, 2), offs=offs)  # [N, 2I]
-    h = swiglu(h + w.gate_up_bias.to(x.dtype)[sorted_ids], alpha, limit)  # [N, I]
-    y = F.grouped_mm(h, down_w.transpose(1, 2), offs=offs) + w.down_bias.to(x.dtype)[sorted_ids]  # [N, H]
+    dtype = w.compute_dtype(x.dtype)
+    gate_up_w, down_w = w.gate_up_weight.to(dtype), w.down_weight.to(dtype)
+    h = F.grouped_mm(x[order].to(dtype), gate_up_w.transpose(1, 2), offs=offs)  # [N, 2I]
+    h = swiglu(h + w.gate_up_bias.to(dtype)[sorted_ids], alpha, limit)  # [N, I]
+    y = F.grouped_mm(h, down_w.transpose(1, 2), offs=offs) + w.down_bias.to(dtype)[sorted_ids]  # [N, H]
     out = torch.empty_like(x)
-    out[order] = y * weights[order, None].to(x.dtype)
+    out[order] = (y * weights[order, None].to(dtype)).to(x.dtype)
     return out

@@ -71,3 +71,18 @@ def test_many_pairs_per_expert_keep_the_loop(monkeypatch):
     x, ids = torch.randn(n, 32, generator=gen), torch.randint(0, 2, (n,), generator=gen)
     out = moe_experts_ref(x, ids, torch.ones(n), w)
     torch.testing.assert_close(out.double(), per_pair(x, ids, torch.ones(n), w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows_per_expert_cap", [32, 0], ids=["grouped", "loop"])
+def test_bf16_activations_with_float32_experts_round_only_the_output(rows_per_expert_cap, monkeypatch):
+    """Experts unpacked to float32 under a bf16 model (the CPU default) compute in float32:
+    the output is the exact result rounded once to bf16."""
+    monkeypatch.setattr(moe, "GROUPED_MAX_ROWS_PER_EXPERT", rows_per_expert_cap)
+    gen = torch.Generator().manual_seed(2)
+    w = plain_experts(4, 64, 32, torch.float32, gen)
+    x = torch.randn(24, 64, generator=gen).to(torch.bfloat16)
+    ids, weights = torch.randint(0, 4, (24,), generator=gen), torch.rand(24, generator=gen)
+    out = moe_experts_ref(x, ids, weights.to(torch.bfloat16), w)
+    assert out.dtype == torch.bfloat16
+    exact = per_pair(x, ids, weights.to(torch.bfloat16), w)
+    torch.testing.assert_close(out, exact.to(torch.bfloat16), rtol=8e-3, atol=1e-5)

@@ -18,20 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gptoss_ray.engine.plan import (
-    FULL,
-    SLIDING,
-    BlockTableUpdates,
-    NewSequence,
-    StepPlan,
-    StepResult,
-)
-from gptoss_ray.engine.sampler import (
-    GREEDY_BELOW,
-    Sampler,
-    SamplingMetadata,
-    TokenHistory,
-)
+from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, StepPlan, StepResult
+from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata, TokenHistory
 from gptoss_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -69,7 +57,7 @@ def should_dequantize(choice: bool | None, device: torch.device, model) -> bool:
               for m in model.moe_layers() if hasattr(m.experts, "gate_up_blocks")]
     if not packed:
         return False
-    unpacked_bytes = 2 * sum(packed) * model.moe_layers()[0].experts.gate_up_bias.element_size()
+    unpacked_bytes = 2 * sum(packed) * 4  # float32: LocalExperts.dequantize_ where the reference runs
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # not Linux: stay packed

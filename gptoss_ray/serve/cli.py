@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
                         help="do not reuse KV blocks of shared prompt prefixes")
     parser.add_argument("--dequantize-experts", action=argparse.BooleanOptionalAction, default=None,
-                        help="unpack MXFP4 experts at load: faster on CPU, ~4x their memory "
+                        help="unpack MXFP4 experts at load to float32: faster on CPU, 8x their memory "
                         "(default: on CPU when they fit in a quarter of free memory, never on GPUs)")
     parser.add_argument("--worker-num-cpus", type=float, default=None, help="logical CPUs per worker actor")
     parser.add_argument("--max-queued-requests", type=int, default=None,
