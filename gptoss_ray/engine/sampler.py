@@ -274,17 +274,23 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
     dev = logits.device
     k = top_k if top_k is not None else torch.full((s,), v, dtype=torch.int64, device=dev)  # [S]
     p = top_p if top_p is not None else torch.ones(s, device=dev)  # [S]
-    out = logits.clone()  # rows that use neither keep their logits
-    todo = (k < v) | (p < 1.0)  # [S]
+    todo = (k < v) | (p < 1.0)  # [S]: rows that use neither keep their logits
+    out = logits
     for cand in TOP_CANDIDATE_STAGES:
         if not bool(todo.any()):
             return out
         rows = todo.nonzero().squeeze(1)
-        masked, exact = _top_k_top_p_candidates(logits[rows], k[rows], p[rows], min(v, cand))
+        every_row = len(rows) == s  # the usual case: no [S, V] gathers and scatters
+        masked, exact = _top_k_top_p_candidates(logits if every_row else logits[rows], k[rows], p[rows],
+                                                min(v, cand))
+        if every_row and bool(exact.all()):
+            return masked
+        out = logits.clone() if out is logits else out
         out[rows[exact]] = masked[exact]
         todo[rows[exact]] = False
     if bool(todo.any()):
         rows = todo.nonzero().squeeze(1)
+        out = logits.clone() if out is logits else out
         out[rows] = _sort_top_k_top_p(logits[rows], k[rows], p[rows])
     return out
 
