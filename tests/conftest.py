@@ -42,6 +42,29 @@ def tiny_moe_ckpt(tmp_path_factory) -> Path:
     return _checkpoint(tmp_path_factory, "tiny-moe")
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one test module (the expert-parallel tests)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_moe_ckpt):
+    """One rank's run of parallel_helpers.PROMPTS, which every expert-parallel run must equal."""
+    from parallel_helpers import generate, make_engine
+
+    engine = make_engine(tiny_moe_ckpt, 1)
+    try:
+        outputs, _ = generate(engine)
+        return dict(outputs=outputs, expert_load=engine.stats()["expert_load"])
+    finally:
+        engine.shutdown()
+
+
 def pytest_collection_modifyitems(config, items):
     import importlib.util
 
