@@ -4,10 +4,15 @@ that can never reach the network or the user's caches."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tests import their helpers as `support.*` (tests/support/); with importlib mode the
+# tests folder is not put on sys.path by pytest itself.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Set before anything imports huggingface_hub or starts Ray (workers inherit os.environ).
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="gptoss-ray-tests-"))
@@ -55,7 +60,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def reference(tiny_moe_ckpt):
     """One rank's run of parallel_helpers.PROMPTS, which every expert-parallel run must equal."""
-    from parallel_helpers import generate, make_engine
+    from support.parallel_helpers import generate, make_engine
 
     engine = make_engine(tiny_moe_ckpt, 1)
     try:

@@ -62,7 +62,7 @@ def test_loading_a_subset_of_experts_reads_only_those_bytes(tmp_path):
     """Measured in the page cache: drop the file from it, read experts 2..3 of 8 of one
     tensor, and see which of that tensor's pages came in (readahead off for the
     reader's mapping, so the kernel reads only the pages touched)."""
-    from pagecache import PAGE, drop_from_cache, no_readahead, resident_ranges
+    from support.pagecache import PAGE, drop_from_cache, no_readahead, resident_ranges
 
     base = PRESETS["tiny"].to_hf_dict() | {"hidden_size": 256, "intermediate_size": 256}
     ckpt = write_checkpoint(ModelConfig.from_dict(base), tmp_path / "ck", num_shards=1)

@@ -1,6 +1,6 @@
 """Worker loss on the expert-parallel engine: a killed or hung worker mid-generation, and
 one dying while idle. Run by tests/test_parallel_faults.py in a pytest process of its own
-(see there why); `python -m pytest tests/parallel_fault_cases.py` runs them directly."""
+(see there why); `python -m pytest tests/parallel/parallel_fault_cases.py` runs them directly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from parallel_helpers import PROMPTS, generate, make_engine
+from support.parallel_helpers import PROMPTS, generate, make_engine
 
 from gptoss_ray.sampling_params import SamplingParams
 

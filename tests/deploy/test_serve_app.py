@@ -20,7 +20,7 @@ import yaml
 
 from gptoss_ray.serve.testing import free_port
 
-CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
 API_KEY = "test-deploy-key"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

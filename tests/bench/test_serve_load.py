@@ -250,7 +250,7 @@ def test_bad_arguments_give_one_clear_line(fake, args, message, capsys):
 
 
 def test_benchmarks_script_is_the_same_command():
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_load.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
     proc = subprocess.run([sys.executable, str(script), "--base-url", "http://127.0.0.1:1", "--concurrency", "x"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servers import server_process
+from support.servers import server_process
 
 from gptoss_ray.harmony.render import render_chat
 from gptoss_ray.serve.testing import free_port

@@ -1,9 +1,9 @@
 """Time the Triton kernels on gpt-oss shapes and put the numbers next to the device's own
 measured ceilings: a large bf16 matmul (TFLOP/s) and a large device-to-device copy (GB/s).
 
-    python benchmarks/kernels.py                    # on a CUDA GPU; prints a table
-    python benchmarks/kernels.py --json out.json    # also write the rows
-    python benchmarks/kernels.py --smoke            # CPU: tiny shapes through Triton's interpreter,
+    python benchmarks/kernel_speed.py                    # on a CUDA GPU; prints a table
+    python benchmarks/kernel_speed.py --json out.json    # also write the rows
+    python benchmarks/kernel_speed.py --smoke            # CPU: tiny shapes through Triton's interpreter,
                                                     # checks the script runs (timings meaningless)
 
 Without a GPU (and without --smoke) it says so and exits 0.

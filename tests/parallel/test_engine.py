@@ -5,7 +5,7 @@ each rank holding only its experts. Recovery from a lost worker: test_parallel_f
 from __future__ import annotations
 
 import pytest
-from parallel_helpers import generate, make_engine
+from support.parallel_helpers import generate, make_engine
 
 from gptoss_ray.config import PRESETS
 from gptoss_ray.model.loader import load_model

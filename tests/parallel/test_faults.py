@@ -1,4 +1,4 @@
-"""Recovery from a lost expert-parallel worker (tests/parallel_fault_cases.py), run in a
+"""Recovery from a lost expert-parallel worker (tests/parallel/parallel_fault_cases.py), run in a
 pytest process of its own.
 
 Why a child process: Ray's compiled graphs have aborted the whole driver process once on
@@ -27,7 +27,7 @@ def test_lost_workers_are_replaced_in_a_process_of_their_own(tmp_path):
         report = tmp_path / f"report{attempt}.xml"
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", str(CASES)],
-            capture_output=True, text=True, timeout=420, check=False, cwd=CASES.parent.parent,
+            capture_output=True, text=True, timeout=420, check=False, cwd=CASES.parents[2],
         )
         if report.exists():
             break

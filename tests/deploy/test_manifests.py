@@ -17,7 +17,7 @@ import yaml
 
 from gptoss_ray.serve.config import ServeConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 _spec = importlib.util.spec_from_file_location("deploy_validate", DEPLOY / "validate.py")

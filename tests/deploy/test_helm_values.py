@@ -14,7 +14,7 @@ import yaml
 
 from gptoss_ray.serve.config import ServeConfig
 
-CHART = Path(__file__).resolve().parents[1] / "helm" / "gptoss-ray"
+CHART = Path(__file__).resolve().parents[2] / "helm" / "gptoss-ray"
 PRESETS = sorted((CHART / "presets").glob("*.yaml"))
 EXPECTED_PRESETS = {"2xa100-80gb", "2xh100", "3x24gb", "4xa100", "4xh100"}
 # GiB of GPU memory each kind of GPU in a preset's name offers (nvidia-smi total).

@@ -12,7 +12,7 @@ import pytest
 
 from gptoss_ray.harmony import encoding
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_SHA = REPO_ROOT.parent / "shared" / "data" / "o200k_base.tiktoken.sha256"
 
 

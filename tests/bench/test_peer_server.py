@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from servers import server_process
+from support.servers import server_process
 
 from gptoss_ray.checkpoint.write import default_demo_checkpoint
 from gptoss_ray.cli import main as cli_main
@@ -18,7 +18,7 @@ from gptoss_ray.serve.testing import free_port
 
 openai = pytest.importorskip("openai")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 

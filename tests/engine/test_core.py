@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_helpers import GREEDY, drain, greedy_by_recompute, make_engine, prompt, run_all
+from support.engine_helpers import GREEDY, drain, greedy_by_recompute, make_engine, prompt, run_all
 
 from gptoss_ray.engine.executor import InProcessExecutor
 from gptoss_ray.parallel.errors import WorkerGroupError

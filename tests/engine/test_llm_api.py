@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from engine_helpers import prompt
+from support.engine_helpers import prompt
 
 from gptoss_ray import LLM, SamplingParams
 from gptoss_ray.cli import main as cli_main

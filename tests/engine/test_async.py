@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_helpers import make_engine, prompt, run_all
+from support.engine_helpers import make_engine, prompt, run_all
 
 from gptoss_ray.config import EngineConfig
 from gptoss_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError

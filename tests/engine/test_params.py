@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from engine_helpers import make_engine, prompt, run_all
+from support.engine_helpers import make_engine, prompt, run_all
 
 from gptoss_ray.engine.output import StopChecker
 from gptoss_ray.engine.sequence import Sequence

@@ -14,11 +14,11 @@ import yaml
 
 from gptoss_ray.serve.config import ServeConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "gptoss-ray"
 PRESETS = sorted((CHART / "presets").glob("*.yaml"))
 # helm on PATH, or the one scripts/setup.sh puts in .cache/helm (see deploy/fetch_helm.sh)
-_FETCHED = Path(__file__).resolve().parent.parent / ".cache" / "helm" / "helm"
+_FETCHED = Path(__file__).resolve().parents[2] / ".cache" / "helm" / "helm"
 HELM = shutil.which("helm") or (str(_FETCHED) if _FETCHED.is_file() else None)
 
 pytestmark = pytest.mark.skipif(HELM is None, reason="helm is not on PATH (bash deploy/fetch_helm.sh)")
