@@ -12,6 +12,23 @@ from dataclasses import dataclass, field
 from gptoss_ray.errors import SamplingParamsError
 
 MAX_LOGPROBS = 20
+# Last line of defence behind the API's bounds (serve/protocol.py): every number that
+# reaches the sampler's tensors fits them. Engine users (LLM, benchmarks) meet these too.
+MAX_N = 1024
+MAX_TOKENS = 1 << 24
+MAX_TOP_K = 1 << 20  # larger than any vocabulary: keeps every token
+SEED_RANGE = (-(2**63), 2**63 - 1)
+MAX_LOGIT_BIAS = 1024
+MAX_TOKEN_ID = 1 << 24
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite_in(x: object, lo: float, hi: float) -> bool:
+    # NaN fails both comparisons; bools are not numbers here
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and lo <= x <= hi
 
 
 @dataclass
@@ -32,35 +49,45 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # return the sampled token's logprob plus this many top ones
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: [-100, 100])
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        if self.logit_bias is not None:
+            self.logit_bias = dict(self.logit_bias)
+        bias = self.logit_bias or {}
         checks = [
-            ("n", isinstance(self.n, int) and self.n >= 1, "must be an integer >= 1"),
-            ("temperature", 0.0 <= self.temperature <= 100.0, "must be between 0 and 100"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
-             "must be -1 (disabled) or an integer >= 1"),
-            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "must be in [-2, 2]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "must be in [-2, 2]"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "must be in (0, 10]"),
-            ("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-             "must be an integer >= 1"),
-            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0, "must be an integer >= 0"),
-            ("logprobs", self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            ("n", _is_int(self.n) and 1 <= self.n <= MAX_N, f"must be an integer in [1, {MAX_N}]"),
+            ("temperature", _finite_in(self.temperature, 0.0, 100.0), "must be between 0 and 100"),
+            ("top_p", _finite_in(self.top_p, 0.0, 1.0) and self.top_p > 0.0, "must be in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and (self.top_k == -1 or 1 <= self.top_k <= MAX_TOP_K),
+             f"must be -1 (disabled) or an integer in [1, {MAX_TOP_K}]"),
+            ("min_p", _finite_in(self.min_p, 0.0, 1.0), "must be in [0, 1]"),
+            ("presence_penalty", _finite_in(self.presence_penalty, -2.0, 2.0), "must be in [-2, 2]"),
+            ("frequency_penalty", _finite_in(self.frequency_penalty, -2.0, 2.0), "must be in [-2, 2]"),
+            ("repetition_penalty", _finite_in(self.repetition_penalty, 0.0, 10.0) and self.repetition_penalty > 0,
+             "must be in (0, 10]"),
+            ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKENS),
+             f"must be an integer in [1, {MAX_TOKENS}]"),
+            ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= MAX_TOKENS,
+             f"must be an integer in [0, {MAX_TOKENS}]"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"must be an integer between 0 and {MAX_LOGPROBS}"),
-            ("seed", self.seed is None or isinstance(self.seed, int), "must be an integer"),
+            ("seed", self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+             "must be a 64-bit signed integer"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
-            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-             "must be non-negative integers"),
+            ("stop_token_ids", all(_is_int(t) and 0 <= t < MAX_TOKEN_ID for t in self.stop_token_ids),
+             "must be token ids"),
+            ("logit_bias", len(bias) <= MAX_LOGIT_BIAS and all(
+                _is_int(t) and 0 <= t < MAX_TOKEN_ID and _finite_in(b, -100.0, 100.0) for t, b in bias.items()),
+             f"must map at most {MAX_LOGIT_BIAS} token ids to biases in [-100, 100]"),
         ]
         for name, ok, why in checks:
             if not ok:
-                raise SamplingParamsError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
+                raise SamplingParamsError(f"{name} {why}, got {repr(getattr(self, name))[:80]}", param=name)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingParamsError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",

@@ -128,6 +128,8 @@ class LLMEngine:
             raise SamplingParamsError(
                 f"the context length is {self.max_model_len} tokens, but {len(prompt)} prompt tokens plus "
                 f"max_tokens={params.max_tokens} exceed it", param="max_tokens")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise SamplingParamsError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         if params.stop and self.stops.decode is None:
             raise SamplingParamsError("stop strings need the harmony tokenizer, which is unavailable", param="stop")
 

@@ -3,7 +3,7 @@
 Legend: S sequences sampled this step, V vocab, P sequences with penalties.
 
 Order (as vLLM): raw logprobs (returned to users, from the model's own distribution) ->
-penalties -> min_tokens mask -> greedy argmax | temperature -> top-k / top-p -> min-p ->
+penalties -> logit bias -> min_tokens mask -> greedy argmax | temperature -> top-k / top-p -> min-p ->
 sample (see Sampler for the two equivalent draws). A seeded sequence draws its noise
 from a generator seeded with hash(seed, sample index, output position), so its tokens
 depend on nothing else in the batch, nor on preemption and recompute.
@@ -82,6 +82,8 @@ class SamplingMetadata:
     banned: list[tuple[int, list[int]]]  # (row, stop token ids) of rows still under min_tokens
     penalties: Penalties | None
     num_logprobs: list[int | None] | None  # [S] top logprobs wanted per row (None = none); None if no row wants them
+    # OpenAI's logit_bias of the rows that set one: [N] rows, [N] token ids, [N] biases; None if no row does
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, states: list[SeqState], vocab_size: int, eos_token_ids: list[int], device,
@@ -100,8 +102,9 @@ class SamplingMetadata:
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         if not meta.all_greedy:
-            if any(p.top_k > 0 for p in params):
-                meta.top_k = column([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64)
+            if any(p.top_k > 0 for p in params):  # clamped: a top_k beyond V keeps every token
+                meta.top_k = column([min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params],
+                                    torch.int64)
             if any(p.top_p < 1.0 for p in params):
                 meta.top_p = column([p.top_p for p in params], torch.float32)
             if any(p.min_p > 0.0 for p in params):
@@ -113,6 +116,10 @@ class SamplingMetadata:
                 stop_ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids))
                 meta.banned.append((i, stop_ids))
         meta.penalties = _build_penalties(states, history, device)
+        bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        if bias:
+            rows, ids, values = zip(*bias)
+            meta.logit_bias = (column(rows, torch.int64), column(ids, torch.int64), column(values, torch.float32))
         if any(p.logprobs is not None for p in params):
             meta.num_logprobs = [p.logprobs for p in params]
         return meta
@@ -192,6 +199,9 @@ class Sampler:
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None  # [L, V]
         if meta.penalties is not None:
             logits = _apply_penalties(logits, meta.penalties)
+        if meta.logit_bias is not None:
+            rows, ids, values = meta.logit_bias
+            logits = logits.index_put((rows, ids), values, accumulate=True)  # out of place: raw logits stay
         for row, stop_ids in meta.banned:
             logits[row, stop_ids] = float("-inf")
         tokens = argmax_rows(logits) if meta.all_greedy else self._sample(logits, meta)  # [S]

@@ -87,7 +87,7 @@ class SeqState:
         self.temperature = 1.0 if self.greedy else p.temperature
         self.has_penalty = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
         self.plain = (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0 and p.seed is None
-                      and not self.has_penalty and p.min_tokens == 0 and p.logprobs is None)
+                      and not self.has_penalty and p.min_tokens == 0 and p.logprobs is None and not p.logit_bias)
 
     @property
     def num_output_tokens(self) -> int:

@@ -75,9 +75,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     param = _param_of(tuple(first.get("loc", ())))
     if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
         return "request body must be a JSON object", None
-    msg = str(first.get("msg", "invalid value"))
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "missing":
+        if param is None:  # no body at all (FastAPI reports the body itself as missing)
+            return "the request body is empty; send a JSON object", None
         return f"missing required parameter '{param}'", param
+    if first.get("type") == "value_error" and param and f"'{param}'" in msg:
+        return msg, param  # our own check, already naming the parameter
     return f"invalid value for '{param}': {msg}", param
 
 

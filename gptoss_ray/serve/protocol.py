@@ -1,7 +1,11 @@
 """OpenAI request and response models (the subset gpt-oss serving supports).
 
 Requests are validated here, so a wrong type or an out-of-range value is a 400 that
-names the parameter before anything reaches the engine. Unknown fields are ignored, as
+names the parameter before anything reaches the engine. Every number a client sends has
+both bounds here (one place: a 10^20 `top_k` once overflowed the sampler and killed the
+engine for everyone); types are strict, as OpenAI's are (`"max_tokens": "5"` and a prompt
+of `[true, false]` are 400s, not coerced); OpenAI parameters this server does not
+implement are 400s naming them, never silently ignored. Unknown fields are ignored, as
 OpenAI-compatible servers do, because clients (LangChain, agents) send extras.
 Responses are built as plain dicts in chat.py / completions.py; their models below
 document the schema in /openapi.json.
@@ -11,14 +15,53 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from gptoss_ray.serve.errors import OpenAIError
 
 MAX_N = 16  # samples per request: n beyond this is a denial-of-service, not a use case
 MAX_STOP = 16
+MAX_TOKENS = 1 << 24  # far beyond any context length: larger is a typo or an attack, not a request
+MAX_TOP_K = 1 << 20  # above the vocabulary (201,088): such a top_k keeps every token
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+VOCAB_LIMIT = 201088  # o200k_harmony's vocabulary: token ids a client may name
+MAX_JSON_DEPTH = 64  # nesting of a request body (tool schemas included); deeper is an attack
+MAX_NAME = 256  # model names, tool names, ids, `user`
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON types as sent (no "5" -> 5, no true -> 1); finite floats only
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+def _check_json(data: Any) -> None:
+    """Reject what the models cannot see: nesting deeper than MAX_JSON_DEPTH anywhere (a
+    ~900-deep tool schema once overflowed the renderer's recursion) and strings that are
+    not Unicode text (a lone surrogate such as "\\ud800" parses as JSON but cannot be
+    encoded to the tokenizer's UTF-8). Iterative, so the check itself cannot overflow."""
+    stack: list[tuple[Any, int, str]] = [(data, 0, "")]
+    while stack:
+        obj, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise OpenAIError(400, f"the request nests deeper than {MAX_JSON_DEPTH} levels", param=path[:120] or None)
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                raise OpenAIError(400, "strings must be valid Unicode (no lone surrogates such as \\ud800)",
+                                  param=path[:120] or None) from None
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                stack.append((k, depth + 1, path))
+                stack.append((v, depth + 1, f"{path}.{k}" if path else str(k)))
+        elif isinstance(obj, list):
+            stack.extend((v, depth + 1, f"{path}[{i}]") for i, v in enumerate(obj))
+
+
+def _unsupported(value: Any, info: ValidationInfo, hint: str) -> Any:
+    if value is not None:
+        raise ValueError(f"'{info.field_name}' is not supported by this server{hint}")
+    return value
 
 
 class TextPart(_Request):
@@ -27,12 +70,12 @@ class TextPart(_Request):
 
 
 class FunctionCall(_Request):
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=MAX_NAME)
     arguments: str = Field("", description="JSON text of the arguments, as the model wrote it.")
 
 
 class ToolCallParam(_Request):
-    id: str | None = None
+    id: str | None = Field(None, max_length=MAX_NAME)
     type: Literal["function"] = "function"
     function: FunctionCall
 
@@ -40,9 +83,9 @@ class ToolCallParam(_Request):
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCallParam] | None = None
-    tool_call_id: str | None = None
+    name: str | None = Field(None, max_length=MAX_NAME)
+    tool_calls: list[ToolCallParam] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=MAX_NAME)
     reasoning_content: str | None = Field(None, description="Earlier reasoning sent back by the client.")
     reasoning: str | None = Field(None, description="Same as reasoning_content (the other name in use).")
 
@@ -60,7 +103,7 @@ class ToolParam(_Request):
 
 
 class NamedFunction(_Request):
-    name: str
+    name: str = Field(max_length=MAX_NAME)
 
 
 class NamedToolChoice(_Request):
@@ -80,7 +123,7 @@ class StreamOptions(_Request):
 class _SamplingFields(_Request):
     """Fields shared by chat and text completions (OpenAI names, ranges and defaults)."""
 
-    model: str = Field(min_length=1, description="The served model name (GET /v1/models).")
+    model: str = Field(min_length=1, max_length=MAX_NAME, description="The served model name (GET /v1/models).")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -88,21 +131,55 @@ class _SamplingFields(_Request):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS,
+        description="Token id (as a string) -> bias in [-100, 100] added to its logit before sampling.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_NAME)
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="Only best_of = n (no reranking).")
     # vLLM extensions, used by benchmarks
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOP_K)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sane_json(cls, data: Any) -> Any:
+        _check_json(data)
+        return data
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not (token.isascii() and token.isdigit() and int(token) < VOCAB_LIMIT):
+                raise ValueError(f"keys must be token ids in [0, {VOCAB_LIMIT}), got {token[:20]!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"values must be in [-100, 100], got {value} for token {token}")
+        return bias
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("'stream_options' is only allowed when 'stream' is true")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("only 'best_of' equal to n is supported (this server does not rerank samples)")
+        return value
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of max_completion_tokens.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Deprecated alias of max_completion_tokens.")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[ToolParam] | None = Field(None, max_length=128)
@@ -110,13 +187,35 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    # OpenAI parameters this server does not implement: a 400 naming them, never ignored
+    functions: list[dict[str, Any]] | None = Field(None, description="Not supported: use tools.")
+    function_call: str | dict[str, Any] | None = Field(None, description="Not supported: use tool_choice.")
+    audio: dict[str, Any] | None = Field(None, description="Not supported (text only).")
+    web_search_options: dict[str, Any] | None = Field(None, description="Not supported.")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("'top_logprobs' needs 'logprobs' set to true")
+        return value
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _legacy_functions(cls, value: Any, info: ValidationInfo) -> Any:
+        return _unsupported(value, info, " (the legacy functions API): use tools and tool_choice")
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _not_implemented(cls, value: Any, info: ValidationInfo) -> Any:
+        return _unsupported(value, info, "")
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text, a batch of texts, token ids, or a batch of token id lists."
     )
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None

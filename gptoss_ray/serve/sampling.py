@@ -45,6 +45,7 @@ def build_sampling_params(req: Any, num_prompt_tokens: int, max_model_len: int, 
             repetition_penalty=req.repetition_penalty or 1.0, max_tokens=max_tokens,
             min_tokens=req.min_tokens, stop=stop, stop_token_ids=stop_token_ids,
             ignore_eos=req.ignore_eos, logprobs=logprobs,
+            logit_bias={int(t): b for t, b in req.logit_bias.items()} if req.logit_bias else None,
         )
     except SamplingParamsError as e:
         raise OpenAIError(400, str(e), param=e.param) from None
