@@ -22,7 +22,7 @@ from gptoss_ray.harmony.encoding import stop_token_ids
 from gptoss_ray.harmony.parse import Delta, HarmonyStreamParser
 from gptoss_ray.harmony.render import RenderError, render_chat
 from gptoss_ray.sampling_params import TokenDelta
-from gptoss_ray.serve.engine_client import ServingContext
+from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError, sse_error
 from gptoss_ray.serve.protocol import ChatCompletionRequest
 from gptoss_ray.serve.sampling import build_sampling_params, chat_logprobs, usage
@@ -72,14 +72,14 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
     )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     choices = [_Choice(HarmonyStreamParser(stop=params.stop)) for _ in range(params.n)]
+    admission = ctx.admit(params.n)  # 429 / 400 now, while a status can still be sent
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        ctx.check_capacity()  # 429 now, while a status can still be sent
         return StreamingResponse(
-            _stream(ctx, request_id, prompt, params, choices, top, include_usage),
+            admission.guard(_stream(ctx, admission, request_id, prompt, params, choices, top, include_usage)),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    with ctx.admitted():
+    with admission:
         return await _complete(ctx, request_id, prompt, params, choices, top)
 
 
@@ -140,8 +140,8 @@ def _delta_json(piece: Delta) -> dict[str, Any]:
     return {"tool_calls": [call]}
 
 
-async def _stream(ctx: ServingContext, request_id: str, prompt: list[int], params, choices: list[_Choice],
-                  top: int | None, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(ctx: ServingContext, admission: Admission, request_id: str, prompt: list[int], params,
+                  choices: list[_Choice], top: int | None, include_usage: bool) -> AsyncIterator[str]:
     created, model = int(time.time()), ctx.model_name
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None) -> str:
@@ -155,7 +155,7 @@ async def _stream(ctx: ServingContext, request_id: str, prompt: list[int], param
 
     num_prompt, num_cached = len(prompt), 0
     try:
-        with ctx.admitted():
+        with admission:
             for i in range(len(choices)):
                 yield chunk(i, {"role": "assistant", "content": ""})
             async for delta in ctx.generate(request_id, prompt, params):

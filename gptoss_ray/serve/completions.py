@@ -20,7 +20,7 @@ from gptoss_ray.harmony.encoding import IncrementalDecoder, decode
 from gptoss_ray.harmony.parse import StopFilter
 from gptoss_ray.harmony.render import encode_text
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
-from gptoss_ray.serve.engine_client import ServingContext
+from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError, sse_error
 from gptoss_ray.serve.protocol import CompletionRequest
 from gptoss_ray.serve.sampling import build_sampling_params, completion_logprobs, usage
@@ -93,12 +93,13 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest) -> Any:
             for j in range(n):
                 choices[i * n + j].text = decode(p)
                 choices[i * n + j].text_offset = len(choices[i * n + j].text)
+    admission = ctx.admit(len(prompts) * n)  # every sequence counts: 64 prompts x n=16 is 1,024
     if req.stream:
-        ctx.check_capacity()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(ctx, request_id, prompts, params, choices, req, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    with ctx.admitted():
+        return StreamingResponse(
+            admission.guard(_stream(ctx, admission, request_id, prompts, params, choices, req, include_usage)),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    with admission:
         num_prompt, _ = await _drain(ctx, request_id, prompts, params, choices, req.logprobs, None)
     body = {
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
@@ -132,8 +133,8 @@ async def _drain(ctx: ServingContext, request_id: str, prompts: list[list[int]],
     return sum(counts), 0
 
 
-async def _stream(ctx: ServingContext, request_id: str, prompts, params, choices: list[_Choice],
-                  req: CompletionRequest, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(ctx: ServingContext, admission: Admission, request_id: str, prompts, params,
+                  choices: list[_Choice], req: CompletionRequest, include_usage: bool) -> AsyncIterator[str]:
     created, model = int(time.time()), ctx.model_name
 
     def chunk(k: int, text: str, finish: str | None, lp: dict | None) -> str:
@@ -143,7 +144,7 @@ async def _stream(ctx: ServingContext, request_id: str, prompts, params, choices
 
     queue: asyncio.Queue = asyncio.Queue()
     try:
-        with ctx.admitted():
+        with admission:
             if req.echo:
                 for k, c in enumerate(choices):
                     yield chunk(k, c.text, None, None)

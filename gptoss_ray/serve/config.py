@@ -33,7 +33,8 @@ class ServeConfig(BaseModel):
     )
     api_key_file: str | None = Field(None, description="Read the API key from this file (first line).")
     max_queued_requests: int = Field(
-        256, ge=0, description="Requests admitted beyond engine.max_num_seqs before answering 429 with Retry-After."
+        256, ge=0, description="Sequences (prompts x n) admitted beyond engine.max_num_seqs before answering 429 "
+        "with Retry-After; a request larger than both together gets 400."
     )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     default_reasoning_effort: Literal["low", "medium", "high"] = Field(

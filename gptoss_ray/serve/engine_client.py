@@ -8,11 +8,10 @@ the admission counter and the model's context length.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 import time
-from collections.abc import AsyncIterator, Iterator
+import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +21,6 @@ from gptoss_ray.serve.config import ServeConfig
 from gptoss_ray.serve.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][\w.\-]+){2,}")
-
-
-def public_message(error: str | None) -> str:
-    """An engine error for the client: first line only, file paths masked (they stay in the log)."""
-    line = (error or "unknown").strip().splitlines()[0] if (error or "").strip() else "unknown"
-    return _PATH.sub("<path>", line)[:500]
 
 
 class HandleClient:
@@ -83,12 +75,38 @@ class LocalClient:
         await self._server.check_health()
 
 
+class Admission:
+    """A request's place in the bounded queue; `release()` (or leaving the `with` block)
+    gives it back, once. A streaming response also releases it if its body is never
+    iterated (the client left before the first byte), through a finalizer on the body."""
+
+    def __init__(self, ctx: ServingContext, num_seqs: int):
+        self._ctx, self.num_seqs, self._released = ctx, num_seqs, False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._ctx._release(self.num_seqs)
+
+    def guard(self, body: Any) -> Any:
+        """Release when `body` (a streaming response's generator) is collected, whatever happened."""
+        weakref.finalize(body, self.release)
+        return body
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 @dataclass
 class ServingContext:
     config: ServeConfig
     client: Any  # HandleClient | LocalClient
     metrics: ServingMetrics
     inflight: int = 0  # generation requests admitted and not finished
+    inflight_seqs: int = 0  # their sequences (prompts x n): what the bound counts
     _max_model_len: int | None = None
     _background: set = field(default_factory=set)  # abort tasks fired from cancelled requests
 
@@ -111,24 +129,30 @@ class ServingContext:
                                   headers={"Retry-After": "5"}) from None
         return self._max_model_len
 
-    def check_capacity(self) -> None:
-        """Bounded queue: beyond max_num_seqs + max_queued_requests in flight, answer 429."""
-        if self.inflight >= self.config.max_inflight:
+    def admit(self, num_seqs: int) -> Admission:
+        """Take `num_seqs` sequences (prompts x n) of the bounded queue, or answer now: 400
+        when the request alone is larger than the whole bound (it could never run), 429 with
+        Retry-After when the bound is full. Decided before any response starts, so a
+        streaming request over capacity gets a real 429 that SDKs retry, not a 200 and an
+        error event. Counting sequences, not requests: 64 prompts x n=16 is 1,024 sequences."""
+        bound = self.config.max_inflight
+        if num_seqs > bound:
+            raise OpenAIError(400, f"this request asks for {num_seqs} sequences (prompts x n) but the server runs "
+                              f"and queues at most {bound} at once; split it into smaller requests", param="n",
+                              code="request_too_large")
+        if self.inflight_seqs + num_seqs > bound:
             self.metrics.labels(self.metrics.rejected).inc()
-            raise OpenAIError(429, f"server is at capacity ({self.inflight} requests in flight); retry shortly",
-                              code="queue_full", headers={"Retry-After": "1"})
-
-    @contextlib.contextmanager
-    def admitted(self) -> Iterator[None]:
-        """Count the request as in flight while the block runs (after a capacity check)."""
-        self.check_capacity()
+            raise OpenAIError(429, f"server is at capacity ({self.inflight_seqs} of {bound} sequences in flight); "
+                              "retry shortly", code="queue_full", headers={"Retry-After": "1"})
+        self.inflight_seqs += num_seqs
         self.inflight += 1
         self.metrics.labels(self.metrics.inflight).set(self.inflight)
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-            self.metrics.labels(self.metrics.inflight).set(self.inflight)
+        return Admission(self, num_seqs)
+
+    def _release(self, num_seqs: int) -> None:
+        self.inflight_seqs -= num_seqs
+        self.inflight -= 1
+        self.metrics.labels(self.metrics.inflight).set(self.inflight)
 
     def abort_later(self, request_id: str) -> None:
         """Fire an abort from a cancelled request (it cannot await any more)."""
@@ -161,7 +185,10 @@ class ServingContext:
                     self.metrics.observe_finished(delta.finish_reason or "stop", now - start,
                                                   delta.num_prompt_tokens if len(finished) == 1 else 0)
                     if delta.finish_reason == "error":
-                        raise OpenAIError(500, f"engine error: {public_message(delta.error)}", code="engine_error")
+                        # the engine's text (exception names, paths) is for the log, never the client
+                        logger.error("engine error on %s: %s", request_id, delta.error)
+                        raise OpenAIError(500, "engine error: generation failed on the server (see its log)",
+                                          code="engine_error")
                     if delta.finish_reason == "abort":
                         raise OpenAIError(503, "the request was aborted by the server", code="aborted")
                 yield delta
@@ -172,5 +199,5 @@ class ServingContext:
         except Exception as e:  # Ray errors: replica died, actor unavailable
             logger.exception("engine call for %s failed", request_id)
             self.abort_later(request_id)
-            raise OpenAIError(503, f"the engine is unavailable ({type(e).__name__})", code="engine_unavailable",
+            raise OpenAIError(503, "the engine is unavailable", code="engine_unavailable",
                               headers={"Retry-After": "5"}) from None

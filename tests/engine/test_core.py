@@ -98,6 +98,23 @@ def test_prefix_cache_hit_equals_miss_and_is_counted(tiny_ckpt):
     assert warm.stats()["prefix_cache_queries"] == len(a) + len(b)
 
 
+@pytest.mark.parametrize("changed", [11, 23])  # the last token of the 3rd and the 6th 4-token block
+def test_prefix_cache_tells_apart_prompts_differing_in_a_blocks_last_token(tiny_ckpt, changed):
+    """A block's hash covers every token it holds: a prompt differing from a cached one only
+    in the last token of a full block hits the blocks before it and no further, and its
+    greedy output is what it is without any cache (a hash that left out that token once
+    gave a false hit and another model's output)."""
+    a = prompt(30, seed=21)
+    b = list(a)
+    b[changed] = (a[changed] + 1) % 200
+    cold = run_all(make_engine(tiny_ckpt, enable_prefix_caching=False), {"b": (b, GREEDY)})
+    warm = make_engine(tiny_ckpt)
+    run_all(warm, {"a": (a, GREEDY)})
+    before = warm.stats()["prefix_cache_hits"]
+    assert run_all(warm, {"b": (b, GREEDY)}) == cold
+    assert warm.stats()["prefix_cache_hits"] - before == (changed // 4) * 4
+
+
 def test_chunked_prefill_interleaves_with_decodes(tiny_ckpt):
     engine = make_engine(tiny_ckpt, max_num_batched_tokens=16, max_model_len=256)
     engine.add_request("decode", prompt(4, seed=11), SamplingParams(max_tokens=20, ignore_eos=True))

@@ -38,7 +38,9 @@ def assert_envelope(r: httpx.Response, status: int) -> dict:
     return err
 
 
-@pytest.mark.parametrize("key", [None, "wrong-key"])
+# near misses too: a check on a prefix, a length or the case alone would let them in
+@pytest.mark.parametrize("key", [None, "wrong-key", KEY[:-1], KEY + "x", "sk-test-999", "sk-test-", KEY.upper(),
+                                 KEY + " " + KEY, KEY[1:]])
 def test_missing_or_wrong_key_is_401(url, key):
     r = post(url, key, json=GOOD)
     assert_envelope(r, 401)
@@ -91,3 +93,41 @@ def test_key_from_env_and_file(tmp_path, monkeypatch):
     assert ServeConfig(api_key="flag", api_key_file=str(key_file)).api_key == "flag"
     monkeypatch.delenv(API_KEY_ENV)
     assert ServeConfig().api_key is None
+
+
+def test_a_request_larger_than_the_whole_bound_is_400(url):
+    # the bound here is 1 sequence: 2 prompts, or n=2, can never be admitted
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "max_tokens": 2},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    err = assert_envelope(r, 400)
+    assert err["code"] == "request_too_large" and "2 sequences" in err["message"]
+    err = assert_envelope(post(url, json={**GOOD, "n": 2, "stream": True}), 400)
+    assert err["code"] == "request_too_large"
+
+
+def test_streams_over_capacity_get_429_before_the_response_starts(url):
+    """Concurrent streams against a bound of 1: each is either a 429 with Retry-After or a
+    200 whose stream completes; never a 200 followed by an error event (which SDKs do not
+    retry). Admission is decided before the response starts."""
+    import asyncio
+
+    body = {**GOOD, "messages": [{"role": "user", "content": "[[script:slow]]"}], "max_tokens": 30, "stream": True}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, str, str | None]:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {KEY}"}) as r:
+            return r.status_code, (await r.aread()).decode(), r.headers.get("Retry-After")
+
+    async def burst() -> list[tuple[int, str, str | None]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(one(client) for _ in range(8)))
+
+    results = asyncio.run(burst())
+    statuses = sorted(s for s, _, _ in results)
+    assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, statuses
+    for status, text, retry in results:
+        if status == 429:
+            assert retry == "1" and json.loads(text)["error"]["code"] == "queue_full"
+        else:
+            assert '"error"' not in text and text.rstrip().endswith("data: [DONE]"), text[-300:]
+    assert post(url, json=GOOD).status_code == 200  # every admission was given back

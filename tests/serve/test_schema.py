@@ -120,10 +120,3 @@ def test_json_body_is_read_whatever_the_declared_content_type(content_type):
 
     r = asyncio.run(ask())
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
-
-
-def test_engine_errors_reach_clients_without_paths_or_tracebacks():
-    from gptoss_ray.serve.engine_client import public_message
-
-    raw = "engine step failed: OSError(5, 'I/O error', '/home/user/.cache/demo/model-00001.safetensors')\nTraceback..."
-    assert public_message(raw) == "engine step failed: OSError(5, 'I/O error', '<path>')"

@@ -140,3 +140,37 @@ def test_supported_values_still_pass():
                  {**TEXT, "prompt": [1, 2, 3], "max_tokens": 3}, {**TEXT, "logit_bias": {"0": -100.0}}):
         path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
         assert post(path, body).status_code == 200, body
+
+
+def test_admission_counts_sequences_and_gives_them_back():
+    """Bound of 4 sequences (max_num_seqs 2 + 2 queued): with 3 held, a 2-sequence request
+    (n=2, or two prompts) is a 429 and a 1-sequence one fits; every request gives its
+    sequences back, a streaming body that is never iterated included."""
+    import gc
+
+    config = ServeConfig(engine_cls="gptoss_ray.serve.testing:ScriptedEngine", served_model_name=MODEL,
+                         engine={"max_model_len": 1024, "max_num_seqs": 2}, max_queued_requests=2)
+    server = LLMServer(config.engine.model_dump(), config.engine_cls)
+    ctx = ServingContext(config, LocalClient(server), ServingMetrics(MODEL))
+    app = build_api(ctx)
+
+    async def go() -> list[int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            held = ctx.admit(3)  # a request of three sequences, running
+            codes = [(await client.post("/v1/completions", json={**TEXT, "n": 2})).status_code,
+                     (await client.post("/v1/completions", json={**TEXT, "prompt": ["a", "b"]})).status_code,
+                     (await client.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": True})).status_code,
+                     (await client.post("/v1/completions", json=TEXT)).status_code]
+            held.release()
+            codes.append((await client.post("/v1/completions", json={**TEXT, "n": 2, "stream": True})).status_code)
+            return codes
+
+    assert asyncio.run(go()) == [429, 429, 429, 200, 200]
+    assert ctx.inflight_seqs == 0
+
+    async def body():
+        yield "never iterated"
+
+    ctx.admit(4).guard(body())  # the client left before the response started
+    gc.collect()
+    assert ctx.inflight_seqs == 0
