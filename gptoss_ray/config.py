@@ -265,8 +265,15 @@ class EngineConfig(BaseModel):
     num_kv_blocks: int | None = Field(
         None, ge=1, description="KV blocks per worker for full-attention layers; None = sized from kv_cache_memory_gb."
     )
-    kv_cache_memory_gb: float = Field(
-        1.0, gt=0, description="KV cache budget per worker when num_kv_blocks is not set."
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0, description="KV cache budget per worker when num_kv_blocks is not set; None = 1 GiB unless "
+        "gpu_memory_utilization sizes it (setting both is an error)."
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM's knob: the fraction of each worker's device memory (GPU memory; on "
+        "CPU the host's RAM shared by the ep_size workers) for weights, activations and KV cache together; the "
+        "KV cache gets what the weights and an activation estimate leave. Refused when that much is not free "
+        "at start. num_kv_blocks, when set, overrides it."
     )
     max_num_seqs: int = Field(256, ge=1, description="Most sequences running at once.")
     max_num_batched_tokens: int = Field(
@@ -294,3 +301,10 @@ class EngineConfig(BaseModel):
         description="A worker that does not answer a step in this time is declared dead (the first steps "
         "of a fresh worker group get longer, for kernel compilation).",
     )
+
+    @model_validator(mode="after")
+    def _one_kv_budget(self) -> EngineConfig:
+        if self.kv_cache_memory_gb is not None and self.gpu_memory_utilization is not None:
+            raise ValueError("set kv_cache_memory_gb (an explicit KV budget) or gpu_memory_utilization (a share of "
+                             "device memory), not both")
+        return self

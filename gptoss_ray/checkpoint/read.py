@@ -97,5 +97,9 @@ class CheckpointReader:
             count *= d
         return count * _DTYPE_BYTES[sl.get_dtype()]
 
+    def element_bytes(self, name: str) -> int:
+        """Bytes per stored element (1 for packed MXFP4 blocks and their scales)."""
+        return _DTYPE_BYTES[self._slice(name).get_dtype()]
+
     def file_bytes(self) -> int:
         return sum((self.path / f).stat().st_size for f in set(self._file_of.values()))

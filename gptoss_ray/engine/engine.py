@@ -19,6 +19,7 @@ import torch
 from gptoss_ray.config import HARMONY_STOP_TOKEN_IDS, EngineConfig, ModelConfig
 from gptoss_ray.engine.executor import Executor, create_executor
 from gptoss_ray.engine.kv_cache import KVCacheManager, plan_num_blocks, sliding_blocks_needed
+from gptoss_ray.engine.memory import kv_cache_bytes
 from gptoss_ray.engine.output import StopChecker, harmony_decoder
 from gptoss_ray.engine.plan import SLIDING, StepResult
 from gptoss_ray.engine.scheduler import Scheduler
@@ -51,7 +52,7 @@ def build_worker_config(config: EngineConfig) -> tuple[WorkerConfig, ModelConfig
     if config.num_kv_blocks is not None:
         num_blocks, num_sliding = config.num_kv_blocks, min(config.num_kv_blocks, needed) if sliding_bytes else 0
     else:
-        num_blocks, num_sliding = plan_num_blocks(int(config.kv_cache_memory_gb * 2**30), max(full_bytes, 1),
+        num_blocks, num_sliding = plan_num_blocks(kv_cache_bytes(config, path, model, device, dtype), max(full_bytes, 1),
                                                   sliding_bytes, needed)
     if max_model_len > num_blocks * bs:
         logger.warning("max_model_len %d exceeds the KV pool (%d tokens); capping it", max_model_len, num_blocks * bs)

@@ -18,7 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from gptoss_ray.serve.config import ServeConfig
+from gptoss_ray.serve.config import ServeConfig, serve_logging
 from gptoss_ray.serve.ingress import OpenAIIngress
 from gptoss_ray.serve.llm_server import LLMServerReplica
 
@@ -63,11 +63,13 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
         max_ongoing_requests=config.max_inflight + 16,
         health_check_period_s=10,
         health_check_timeout_s=max(30.0, config.engine.step_timeout_s),
-    ).bind(config.engine.model_dump(), config.engine_cls)
+        logging_config=serve_logging(config),
+    ).bind(config.engine.model_dump(), config.engine_cls, config.log_level)
     ingress = serve.deployment(
         OpenAIIngress,
         name="OpenAIIngress",
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=config.max_inflight + 64,  # our own 429 answers before Serve's queue does
+        logging_config=serve_logging(config),
     ).bind(server, config.model_dump())
     return ingress

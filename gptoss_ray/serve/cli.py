@@ -1,6 +1,6 @@
 """`gptoss-ray serve`: start a local Ray cluster and the OpenAI-compatible app; block.
 
-No `--model`: the built-in tiny demo checkpoint (written on first run to a cache dir).
+`gptoss-ray serve [MODEL]` as `vllm serve MODEL` (or `--model`); no model: the built-in tiny demo checkpoint (written on first run to a cache dir).
 The API key comes from --api-key, --api-key-file or $GPTOSS_RAY_API_KEY (in that order).
 """
 
@@ -11,14 +11,19 @@ import logging
 import signal
 import threading
 
-from gptoss_ray.serve.config import API_KEY_ENV, ServeConfig
+from gptoss_ray.errors import ConfigError
+from gptoss_ray.serve.config import API_KEY_ENV, ServeConfig, serve_logging
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="checkpoint directory or hub id, as vLLM's `serve MODEL` (same as --model)")
     parser.add_argument("--model", default=None, help="checkpoint directory or hub id (default: the tiny demo)")
-    parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: from --model)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the `model` names clients may send, all listed in /v1/models; the first names "
+                        "responses and metrics (default: from MODEL)")
     parser.add_argument("--ep-size", type=int, default=1, help="expert-parallel workers per model instance")
     parser.add_argument("--num-replicas", type=int, default=1, help="model instances")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -26,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="most sequences running at once")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
-    parser.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV cache budget per GPU (default 1)")
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                        help="KV cache budget per GPU (default 1 unless --gpu-memory-utilization is given)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                        help="fraction of each GPU's memory (CPU: of the host's RAM, shared by the workers) for "
+                        "weights, activations and KV; the KV cache gets the rest (not with --kv-cache-memory-gb)")
     parser.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks per GPU (overrides the budget)")
     parser.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=None,
@@ -41,20 +50,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None, help=f"require this bearer key (or set ${API_KEY_ENV})")
     parser.add_argument("--api-key-file", default=None, help="read the bearer key from this file")
+    parser.add_argument("--allowed-origins", nargs="+", default=None, metavar="ORIGIN",
+                        help="CORS: browser origins allowed to call the API ('*' = any; default none)")
+    parser.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="level of gptoss-ray's and Ray Serve's loggers here and in every replica "
+                        "(INFO shows one line per request; default: Ray Serve's own levels)")
+    parser.add_argument("--disable-log-requests", action="store_true",
+                        help="no per-request log lines (Ray Serve's access logs, the ingress's request lines)")
     parser.add_argument("--engine-cls", default=None, help="module:Class of the engine (testing)")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray cluster")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    engine = {"model": args.model, "ep_size": args.ep_size, "dtype": args.dtype, "device": args.device}
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ConfigError(f"MODEL {args.model_tag!r} and --model {args.model!r} disagree; give one")
+    model = args.model_tag or args.model
+    engine = {"model": model, "ep_size": args.ep_size, "dtype": args.dtype, "device": args.device}
     for name in ("max_model_len", "max_num_seqs", "worker_num_cpus", "max_num_batched_tokens",
-                 "kv_cache_memory_gb", "num_kv_blocks", "block_size", "enable_prefix_caching",
-                 "dequantize_experts"):
+                 "kv_cache_memory_gb", "gpu_memory_utilization", "num_kv_blocks", "block_size",
+                 "enable_prefix_caching", "dequantize_experts"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
     serve_args = {"engine": engine, "served_model_name": args.served_model_name, "api_key": args.api_key,
                   "api_key_file": args.api_key_file, "num_replicas": args.num_replicas,
-                  "host": args.host, "port": args.port}
+                  "host": args.host, "port": args.port, "allowed_origins": args.allowed_origins or [],
+                  "log_level": getattr(args, "log_level", None), "disable_log_requests": args.disable_log_requests}
     if args.max_queued_requests is not None:
         serve_args["max_queued_requests"] = args.max_queued_requests
     if args.engine_cls:
@@ -77,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        serve.start(http_options={"host": config.host, "port": config.port}, logging_config=serve_logging(config))
         serve.run(build_app(config), name="gptoss", route_prefix="/")
         auth = "API key required" if config.api_key else "no API key"
         print(f"gptoss-ray: serving '{config.model_name}' at http://{config.host}:{config.port}/v1 ({auth}); "

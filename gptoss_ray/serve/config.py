@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gptoss_ray.config import EngineConfig
 from gptoss_ray.errors import ConfigError
@@ -25,8 +25,9 @@ class ServeConfig(BaseModel):
         DEFAULT_ENGINE_CLS,
         description="`module:Class` of the engine the LLMServer builds from `engine` (tests inject a scripted one).",
     )
-    served_model_name: str | None = Field(
-        None, description="The `model` clients send; default: the checkpoint's name or hub id."
+    served_model_name: str | list[str] | None = Field(
+        None, description="The `model` clients send (one name or several, all accepted and listed in /v1/models; "
+        "the first is the one responses and metrics name); default: the checkpoint's name or hub id."
     )
     api_key: str | None = Field(
         None, description=f"Bearer key every route but /health requires; default: ${API_KEY_ENV}, else none."
@@ -46,8 +47,31 @@ class ServeConfig(BaseModel):
         1.0, ge=0, description="Logical CPUs of each LLMServer replica (the engine loop); bundle 0 of its placement group."
     )
     health_timeout_s: float = Field(10.0, gt=0, description="/health answers 503 when the engine takes longer.")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="CORS: browser origins allowed to call the API ('*' = any); default none."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = Field(
+        None, description="Level of this app's loggers and of Ray Serve's in every replica (access logs are "
+        "INFO); None = leave them as Ray Serve sets them."
+    )
+    disable_log_requests: bool = Field(
+        False, description="No per-request log lines: Ray Serve's access logs and the ingress's request lines."
+    )
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy.")
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _names(cls, v: str | list[str] | None) -> list[str] | None:
+        names = [v] if isinstance(v, str) else v
+        if names is not None and (not names or any(not n for n in names)):
+            raise ValueError("served_model_name must be one or more non-empty names")
+        return list(dict.fromkeys(names)) if names is not None else None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _resolve_key(self) -> ServeConfig:
@@ -66,9 +90,15 @@ class ServeConfig(BaseModel):
         return self
 
     @property
+    def model_names(self) -> list[str]:
+        """Every name clients may send; the first is the primary one."""
+        return list(self.served_model_name) if self.served_model_name else [self._default_name()]
+
+    @property
     def model_name(self) -> str:
-        if self.served_model_name:
-            return self.served_model_name
+        return self.model_names[0]
+
+    def _default_name(self) -> str:
         if not self.engine.model:
             return DEMO_MODEL_NAME
         model = self.engine.model.rstrip("/")
@@ -94,3 +124,28 @@ class ServeConfig(BaseModel):
             err = e.errors()[0]
             field = ".".join(str(x) for x in err["loc"]) or "(config)"
             raise ConfigError(f"serve config: field '{field}': {err['msg'].removeprefix('Value error, ')}") from None
+
+
+def serve_logging(config: ServeConfig) -> dict:
+    """Ray Serve's logging config (proxy and every deployment of the app): the level, and
+    whether each request gets an access-log line."""
+    out: dict = {"enable_access_log": not config.disable_log_requests}
+    if config.log_level:
+        out["log_level"] = config.log_level
+    return out
+
+
+def install_log_level(level: str | None) -> None:
+    """In a replica (its own process): gptoss-ray's loggers at `level`, printed on the
+    replica's stderr (which Ray sends to its log file and to the driver)."""
+    if not level:
+        return
+    import logging
+
+    root = logging.getLogger("gptoss_ray")
+    root.setLevel(level)
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False

@@ -114,10 +114,11 @@ class ServingContext:
     def model_name(self) -> str:
         return self.config.model_name
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise OpenAIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
-                              param="model", code="model_not_found")
+    def check_model(self, model: str, param: str = "model") -> None:
+        if model not in self.config.model_names:
+            served = "', '".join(self.config.model_names)
+            raise OpenAIError(404, f"The model '{model}' does not exist; this server serves '{served}'.",
+                              param=param, code="model_not_found")
 
     async def max_model_len(self) -> int:
         if self._max_model_len is None:
@@ -171,6 +172,9 @@ class ServingContext:
         """The engine's deltas with metrics observed; engine errors raised; aborted if we stop early."""
         start = last = time.monotonic()
         first = True
+        if not self.config.disable_log_requests:
+            logger.info("request %s: %d prompt tokens, n=%d, max_tokens=%s, temperature=%s", request_id,
+                        len(prompt), params.n, params.max_tokens, params.temperature)
         finished: set[int] = set()
         try:
             async for delta in self.client.generate(request_id, prompt, params):

@@ -1,7 +1,7 @@
 """OpenAIIngress: the FastAPI app in front of the LLMServer, as a Serve deployment.
 
 Routes come from one table (ROUTES). Every route but /health needs the API key when one
-is set; bodies larger than `max_body_bytes` get 413 before any parsing; every error is
+is set (CORS preflights are answered before the key is checked, as browsers send none); bodies larger than `max_body_bytes` get 413 before any parsing; every error is
 OpenAI's envelope (errors.py). The same `build_api` runs in-process over a LocalClient
 for ASGI-level tests (schemathesis).
 """
@@ -17,13 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from gptoss_ray.metrics import CONTENT_TYPE, ServingMetrics
 from gptoss_ray.serve.chat import create_chat_completion
 from gptoss_ray.serve.completions import create_completion
-from gptoss_ray.serve.config import ServeConfig
+from gptoss_ray.serve.config import ServeConfig, install_log_level
 from gptoss_ray.serve.engine_client import HandleClient, ServingContext
 from gptoss_ray.serve.errors import error_response, install_error_handlers
 from gptoss_ray.serve.protocol import (
@@ -31,9 +32,17 @@ from gptoss_ray.serve.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    VersionResponse,
 )
+from gptoss_ray.serve.tokenize import detokenize, server_version, tokenize
 
 logger = logging.getLogger(__name__)
 STARTED = int(time.time())
@@ -51,15 +60,35 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     return await create_completion(_ctx(request), body)
 
 
-async def list_models(request: Request) -> Any:
-    ctx = _ctx(request)
+async def _model_cards(ctx: ServingContext) -> list[dict[str, Any]]:
     try:
         max_len = await asyncio.wait_for(ctx.max_model_len(), ctx.config.health_timeout_s)
     except Exception:  # still loading: the card is useful without it
         max_len = None
-    card = {"id": ctx.model_name, "object": "model", "created": STARTED, "owned_by": "gptoss-ray",
-            "max_model_len": max_len}
-    return JSONResponse({"object": "list", "data": [card]})
+    return [{"id": name, "object": "model", "created": STARTED, "owned_by": "gptoss-ray", "root": ctx.model_name,
+             "max_model_len": max_len} for name in ctx.config.model_names]
+
+
+async def list_models(request: Request) -> Any:
+    return JSONResponse({"object": "list", "data": await _model_cards(_ctx(request))})
+
+
+async def retrieve_model(model_id: str, request: Request) -> Any:
+    ctx = _ctx(request)
+    ctx.check_model(model_id, param="model_id")
+    return JSONResponse(next(c for c in await _model_cards(ctx) if c["id"] == model_id))
+
+
+async def tokenize_route(body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> Any:
+    return await tokenize(_ctx(request), body)
+
+
+async def detokenize_route(body: DetokenizeRequest, request: Request) -> Any:
+    return await detokenize(_ctx(request), body)
+
+
+async def version_route() -> Any:
+    return JSONResponse({"version": server_version()})
 
 
 async def health(request: Request) -> Any:
@@ -95,7 +124,12 @@ ROUTES = (
     RouteSpec("POST", "/v1/chat/completions", chat_completions, "Chat completion (harmony reasoning, tool calls, SSE)",
               ChatCompletionResponse),
     RouteSpec("POST", "/v1/completions", completions, "Text completion from text or token ids", CompletionResponse),
-    RouteSpec("GET", "/v1/models", list_models, "The served model", ModelList),
+    RouteSpec("GET", "/v1/models", list_models, "The served model, once per served name", ModelList),
+    RouteSpec("GET", "/v1/models/{model_id}", retrieve_model, "One served model name (404 if unknown)", ModelCard),
+    RouteSpec("POST", "/tokenize", tokenize_route, "Token ids of a prompt or a chat (vLLM's shape)",
+              TokenizeResponse),
+    RouteSpec("POST", "/detokenize", detokenize_route, "Text of token ids (vLLM's shape)", DetokenizeResponse),
+    RouteSpec("GET", "/version", version_route, "The server's version", VersionResponse),
     RouteSpec("GET", "/health", health, "200 when the engine answers, else 503 (no API key needed)"),
     RouteSpec("GET", "/metrics", metrics, "Prometheus metrics (vLLM names)"),
 )
@@ -113,7 +147,7 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and scope["path"] != "/health":
+        if self.api_key and scope["path"] != "/health":  # CORS preflights never get here (CORSMiddleware answers)
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
                 response = error_response(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
@@ -158,6 +192,9 @@ def build_api(ctx: ServingContext) -> FastAPI:
                           response_model=route.response_model, responses=_ERRORS)
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, api_key=ctx.config.api_key, max_body_bytes=ctx.config.max_body_bytes)
+    if ctx.config.allowed_origins:  # added last, so outermost: its headers reach 401 and 413 answers too
+        app.add_middleware(CORSMiddleware, allow_origins=ctx.config.allowed_origins, allow_credentials=True,
+                           allow_methods=["*"], allow_headers=["*"])
     return app
 
 
@@ -167,6 +204,7 @@ class OpenAIIngress:
 
     def __init__(self, server: Any, config: dict):
         cfg = ServeConfig.model_validate(config)
+        install_log_level(cfg.log_level)
         self.ctx = ServingContext(config=cfg, client=HandleClient(server), metrics=ServingMetrics(cfg.model_name))
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -22,6 +22,7 @@ from typing import Any
 from gptoss_ray.config import EngineConfig
 from gptoss_ray.errors import ConfigError
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
+from gptoss_ray.serve.config import install_log_level
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ def load_engine_factory(spec: str | Callable[[EngineConfig], Any]) -> Callable[[
 class LLMServer:
     """Owns the engine; every method here is called through a Serve handle (or directly in tests)."""
 
-    def __init__(self, engine_config: dict | EngineConfig, engine_cls: str | Callable = "gptoss_ray.engine.async_engine:AsyncLLMEngine"):
+    def __init__(self, engine_config: dict | EngineConfig,
+                 engine_cls: str | Callable = "gptoss_ray.engine.async_engine:AsyncLLMEngine",
+                 log_level: str | None = None):
+        install_log_level(log_level)
         config = engine_config if isinstance(engine_config, EngineConfig) else EngineConfig.model_validate(engine_config)
         self.engine = load_engine_factory(engine_cls)(config)
         logger.info("LLMServer ready: engine %s, max_model_len %d", engine_cls, self.engine.max_model_len)

@@ -222,6 +222,31 @@ class CompletionRequest(_SamplingFields):
     skip_special_tokens: bool = True
 
 
+class TokenizeCompletionRequest(_Request):
+    """vLLM's /tokenize of raw text."""
+
+    model: str | None = None
+    prompt: str = Field(max_length=4 * 1024 * 1024)
+    add_special_tokens: bool = Field(True, description="Accepted for vLLM compatibility; harmony adds none.")
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Request):
+    """vLLM's /tokenize of a chat: the harmony prompt /v1/chat/completions would send."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = Field(True, description="End with `<|start|>assistant`, ready for the reply.")
+    tools: list[ToolParam] | None = Field(None, max_length=128)
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
 # --- responses (documentation of what chat.py / completions.py return) --------------
 
 
@@ -303,9 +328,25 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "gptoss-ray"
+    root: str | None = Field(None, description="The primary served name (several names can serve one model).")
     max_model_len: int | None = None
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class VersionResponse(BaseModel):
+    version: str

@@ -3,11 +3,13 @@ client with its API key, and stops cleanly on SIGINT."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -22,18 +24,21 @@ def test_help_lists_the_flags():
     out = subprocess.run([sys.executable, "-m", "gptoss_ray.cli", "serve", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
-    for flag in ("--model", "--ep-size", "--host", "--port", "--api-key", "--api-key-file"):
+    for flag in ("--model", "--ep-size", "--host", "--port", "--api-key", "--api-key-file", "--served-model-name",
+                 "--gpu-memory-utilization", "--allowed-origins", "--log-level", "--disable-log-requests", "MODEL"):
         assert flag in out.stdout
 
 
-def test_serve_command_answers_and_stops(tmp_path):
+@contextlib.contextmanager
+def serve_command(flags: list[str], env: dict | None = None) -> Iterator[tuple[str, dict]]:
+    """`gptoss-ray serve` over the scripted engine on a free port; yields (base URL, a dict
+    that holds the command's whole output under "output" once it stopped on SIGINT)."""
     port = free_port()
-    key_file = tmp_path / "key"
-    key_file.write_text("cli-key\n")
     cmd = [sys.executable, "-m", "gptoss_ray.cli", "serve", "--engine-cls", "gptoss_ray.serve.testing:ScriptedEngine",
-           "--served-model-name", "m", "--port", str(port), "--api-key-file", str(key_file), "--num-cpus", "2"]
-    env = {k: v for k, v in os.environ.items() if k != "GPTOSS_RAY_API_KEY"}
+           "--port", str(port), "--num-cpus", "2", *flags]
+    env = env or {k: v for k, v in os.environ.items() if k != "GPTOSS_RAY_API_KEY"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    result: dict = {}
     try:
         url = f"http://127.0.0.1:{port}"
         end = time.monotonic() + 180  # bounds a hang while Ray starts
@@ -45,18 +50,46 @@ def test_serve_command_answers_and_stops(tmp_path):
                 pass
             time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        client = openai.OpenAI(base_url=url + "/v1", api_key="cli-key", max_retries=0)
-        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-        assert reply.choices[0].message.content == "Hello from the scripted engine!"
-        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+        yield url, result
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, output[-3000:]
-        assert f"serving 'm' at http://127.0.0.1:{port}/v1 (API key required)" in output
+        result["output"], _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, result["output"][-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_command_answers_and_stops(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("cli-key\n")
+    # MODEL positional, as `vllm serve MODEL`; two served names
+    with serve_command(["org/some-model", "--served-model-name", "m", "alias", "--api-key-file", str(key_file),
+                        "--log-level", "info"]) as (url, result):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="cli-key", max_retries=0)
+        for name in ("m", "alias"):
+            reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content == "Hello from the scripted engine!"
+        assert [m.id for m in client.models.list().data] == ["m", "alias"]
+        assert httpx.get(url + "/v1/models", timeout=5).status_code == 401
+    output = result["output"]
+    assert f"serving 'm' at {url}/v1 (API key required)" in output
+    # --log-level INFO reached both replicas: the LLMServer's start line, the ingress's and
+    # Ray Serve's per-request lines
+    assert "LLMServer ready" in output
+    assert "gptoss_ray.serve.engine_client: request chatcmpl-" in output
+    assert "POST /v1/chat/completions 200" in output
+
+
+@pytest.mark.parametrize("flags", [["--log-level", "warning"], ["--log-level", "info", "--disable-log-requests"]])
+def test_per_request_logs_can_be_turned_down(flags):
+    with serve_command(["--served-model-name", "m", *flags]) as (url, result):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model="m", prompt="hi", max_tokens=2).choices[0].text
+    output = result["output"]
+    assert "POST /v1/completions" not in output and "engine_client: request cmpl-" not in output
+    # INFO still reaches the replicas unless the level says otherwise
+    assert ("LLMServer ready" in output) == ("info" in flags)
 
 
 @pytest.mark.parametrize("flags,expected", [([], None), (["--dequantize-experts"], True),
