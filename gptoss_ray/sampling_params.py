@@ -20,6 +20,7 @@ MAX_TOP_K = 1 << 20  # larger than any vocabulary: keeps every token
 SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_LOGIT_BIAS = 1024
 MAX_TOKEN_ID = 1 << 24
+MAX_GRAMMAR_CHARS = 1 << 20  # an llguidance grammar (a schema is bounded far below this by the API)
 
 
 def _is_int(x: object) -> bool:
@@ -50,6 +51,10 @@ class SamplingParams:
     logprobs: int | None = None  # return the sampled token's logprob plus this many top ones
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: [-100, 100])
+    # Constrained decoding: an llguidance Lark grammar the output must match (built from the
+    # request by gptoss_ray.harmony.grammar); None = unconstrained. The worker that samples
+    # the sequence compiles it (cached by hash) and masks the logits with it.
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -84,6 +89,8 @@ class SamplingParams:
             ("logit_bias", len(bias) <= MAX_LOGIT_BIAS and all(
                 _is_int(t) and 0 <= t < MAX_TOKEN_ID and _finite_in(b, -100.0, 100.0) for t, b in bias.items()),
              f"must map at most {MAX_LOGIT_BIAS} token ids to biases in [-100, 100]"),
+            ("grammar", self.grammar is None or (isinstance(self.grammar, str) and 0 < len(self.grammar) <= MAX_GRAMMAR_CHARS),
+             f"must be a non-empty grammar of at most {MAX_GRAMMAR_CHARS} characters"),
         ]
         for name, ok, why in checks:
             if not ok:

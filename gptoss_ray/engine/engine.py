@@ -131,8 +131,22 @@ class LLMEngine:
                 f"max_tokens={params.max_tokens} exceed it", param="max_tokens")
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise SamplingParamsError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if params.grammar is not None:
+            self._check_grammar(params.grammar)
         if params.stop and self.stops.decode is None:
             raise SamplingParamsError("stop strings need the harmony tokenizer, which is unavailable", param="stop")
+
+    def _check_grammar(self, grammar: str) -> None:
+        """Compile once here (cached by hash), so a bad grammar is an error now, not a failed step."""
+        from gptoss_ray.config import HARMONY_VOCAB_SIZE
+        from gptoss_ray.harmony.guidance import GrammarError, check
+
+        if self.model_config.vocab_size != HARMONY_VOCAB_SIZE:
+            raise SamplingParamsError("constrained decoding needs the o200k_harmony vocabulary", param="grammar")
+        try:
+            check(grammar)
+        except GrammarError as e:
+            raise SamplingParamsError(str(e), param=e.param or "grammar") from None
 
     def abort_request(self, request_id: str) -> list[TokenDelta]:
         """Stop a request now: its sequences leave the queues and their blocks are freed.

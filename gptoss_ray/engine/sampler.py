@@ -2,7 +2,9 @@
 
 Legend: S sequences sampled this step, V vocab, P sequences with penalties.
 
-Order (as vLLM): raw logprobs (returned to users, from the model's own distribution) ->
+Order (as vLLM): grammar mask of constrained rows (engine/structured.py) ->
+raw logprobs (returned to users, from the model's own distribution; for a constrained
+row, from the masked distribution: the only one it samples from) ->
 penalties -> logit bias -> min_tokens mask -> greedy argmax | temperature -> top-k / top-p -> min-p ->
 sample (see Sampler for the two equivalent draws). A seeded sequence draws its noise
 from a generator seeded with hash(seed, sample index, output position), so its tokens
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from gptoss_ray.engine.structured import apply_token_bitmask
 
 if TYPE_CHECKING:
     from gptoss_ray.engine.worker import SeqState
@@ -84,13 +88,16 @@ class SamplingMetadata:
     num_logprobs: list[int | None] | None  # [S] top logprobs wanted per row (None = none); None if no row wants them
     # OpenAI's logit_bias of the rows that set one: [N] rows, [N] token ids, [N] biases; None if no row does
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # constrained rows: [C] row indices and their [C, W] token bitmasks; None if no row is constrained
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, states: list[SeqState], vocab_size: int, eos_token_ids: list[int], device,
-              history: TokenHistory | None = None) -> SamplingMetadata:
+              history: TokenHistory | None = None,
+              grammar: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplingMetadata:
         greedy_list = [s.greedy for s in states]
         meta = cls(temperature=None, greedy=None, all_greedy=all(greedy_list), top_k=None, top_p=None, min_p=None,
-                   seeds=[], banned=[], penalties=None, num_logprobs=None)
+                   seeds=[], banned=[], penalties=None, num_logprobs=None, grammar=grammar)
         if not meta.all_greedy:
             meta.temperature = torch.tensor([s.temperature for s in states]).to(device, non_blocking=True)
             meta.greedy = torch.tensor(greedy_list).to(device, non_blocking=True)
@@ -112,7 +119,8 @@ class SamplingMetadata:
             meta.seeds = [(i, mix_seed(s.params.seed, s.sample_index, s.num_output_tokens))
                           for i, s in enumerate(states) if s.params.seed is not None and not s.greedy]
         for i, s in enumerate(states):
-            if s.num_output_tokens < s.params.min_tokens:
+            # a grammar decides where a constrained turn ends; banning its only allowed token would leave none
+            if s.num_output_tokens < s.params.min_tokens and s.params.grammar is None:
                 stop_ids = list(s.params.stop_token_ids) + ([] if s.params.ignore_eos else list(eos_token_ids))
                 meta.banned.append((i, stop_ids))
         meta.penalties = _build_penalties(states, history, device)
@@ -195,6 +203,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         logits = logits.float()  # [S, V]
+        if meta.grammar is not None:
+            logits = apply_token_bitmask(logits, *meta.grammar)
         want_lp = [i for i, k in enumerate(meta.num_logprobs or ()) if k is not None]
         raw_lp = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None  # [L, V]
         if meta.penalties is not None:

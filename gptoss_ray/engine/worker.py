@@ -20,6 +20,7 @@ import torch
 
 from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, StepPlan, StepResult
 from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata, TokenHistory
+from gptoss_ray.engine.structured import GrammarMasks, GrammarState
 from gptoss_ray.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class SeqState:
     temperature: float = field(init=False)  # 1.0 on greedy rows (unused there)
     plain: bool = field(init=False)  # nothing but temperature / greedy: the sampler's fast path
     has_penalty: bool = field(init=False)  # presence, frequency or repetition penalty
+    grammar: GrammarState | None = None  # the matcher of a constrained sequence (params.grammar)
 
     def __post_init__(self) -> None:
         p = self.params
@@ -87,7 +89,8 @@ class SeqState:
         self.temperature = 1.0 if self.greedy else p.temperature
         self.has_penalty = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
         self.plain = (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0 and p.seed is None
-                      and not self.has_penalty and p.min_tokens == 0 and p.logprobs is None and not p.logit_bias)
+                      and not self.has_penalty and p.min_tokens == 0 and p.logprobs is None and not p.logit_bias
+                      and p.grammar is None)
 
     @property
     def num_output_tokens(self) -> int:
@@ -119,6 +122,7 @@ class Worker:
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self.sampler = Sampler(self.device, None if config.seed is None else config.seed + rank)
         self.history: TokenHistory | None = None  # token ids on the device, once penalties are used
+        self.masks: GrammarMasks | None = None  # bitmask buffers, once a constrained sequence arrives
 
     # --- hooks the expert-parallel worker overrides -------------------------------------------
 
@@ -163,6 +167,11 @@ class Worker:
             num_computed_tokens=new.num_computed_tokens, params=new.params,
             sample_index=new.sample_index, row=self.free_rows.pop(),
         )
+        if new.params.grammar is not None:
+            # a resumed (preempted) sequence replays its output: the matcher is rebuilt, never advanced twice
+            state.grammar = GrammarState.start(new.params.grammar, new.token_ids[new.num_prompt_tokens:])
+            if self.masks is None:
+                self.masks = GrammarMasks(self.config.max_num_seqs, self.vocab_size, self.device)
         if state.has_penalty and self.history is None:
             self.history = TokenHistory(self.config.max_num_seqs, self.config.max_model_len, self.vocab_size,
                                         self.device)
@@ -201,10 +210,18 @@ class Worker:
             last_rows = last_rows[torch.tensor(sampled, device=self.device)]
             states = [states[i] for i in sampled]
             seq_ids = [seq_ids[i] for i in sampled]
+        # Masks are built while the forward runs (asynchronously on a GPU), before its logits are read.
+        constrained = [i for i, st in enumerate(states) if st.grammar is not None]
+        grammar = None
+        if constrained:
+            mask = self.masks.fill([states[i].grammar for i in constrained])
+            grammar = (torch.tensor(constrained, device=self.device), mask)
         logits = self.model.compute_logits(hidden[last_rows])  # [S, V]
         meta = SamplingMetadata.build(states, self.vocab_size, list(self.config.eos_token_ids), self.device,
-                                      self.history)
+                                      self.history, grammar)
         out = self.sampler(logits, meta)
+        for i in constrained:
+            states[i].grammar.advance(out.token_ids[i])
         if self.history is not None:
             self.history.append([st.row for st in states], [len(st.token_ids) for st in states], out.token_ids)
         for st, tok in zip(states, out.token_ids):

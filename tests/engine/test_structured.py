@@ -1,0 +1,142 @@
+"""Constrained decoding in the engine, on the random-weight tiny model: nothing but the grammar
+makes its output valid, so every check here is a check of the grammar, the mask and the matcher."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jsonschema
+import pytest
+from support.engine_helpers import make_engine, prompt, run_all
+from support.schemas import SCHEMAS
+
+from gptoss_ray.engine.structured import GrammarState
+from gptoss_ray.errors import SamplingParamsError
+from gptoss_ray.harmony import grammar as hg
+from gptoss_ray.harmony.parse import HarmonyStreamParser
+from gptoss_ray.harmony.render import encode_text, render_chat
+from gptoss_ray.sampling_params import SamplingParams
+
+CHANNEL = 200005  # <|channel|>
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}},
+]
+
+
+def _parse(token_ids):
+    p = HarmonyStreamParser(stop=[])
+    p.feed(token_ids)
+    p.finish()
+    return p
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    return make_engine(tiny_ckpt, max_model_len=1024, num_kv_blocks=1024, max_num_batched_tokens=1024,
+                       max_num_seqs=96)
+
+
+@pytest.fixture(scope="module")
+def chat_prompt():
+    return render_chat([{"role": "user", "content": "Answer in JSON."}], start_date="2025-01-01").token_ids
+
+
+def test_every_schema_validates_whenever_the_output_stops(engine, chat_prompt):
+    # One engine run for all schemas, greedy and sampled rows side by side.
+    grammars = [hg.chat_grammar({"type": "json_schema", "json_schema": {"name": "s", "schema": s}}, None, None,
+                                max_tokens=112, max_reasoning_tokens=6, max_string_length=16) for s in SCHEMAS]
+    requests = {}
+    for i, g in enumerate(grammars):
+        requests[f"g{i}"] = (chat_prompt, SamplingParams(temperature=0.0, max_tokens=112, grammar=g))
+        requests[f"s{i}"] = (chat_prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=112, grammar=g))
+    outs = run_all(engine, requests)
+    stopped = 0
+    for (rid, _), tokens in outs.items():
+        schema = SCHEMAS[int(rid[1:])]
+        if tokens[-1] != 200002:  # <|return|>: the length limit cut it
+            continue
+        stopped += 1
+        parsed = _parse(tokens)
+        assert len(parsed.reasoning) > 0 or tokens[1] != 35644, rid  # reasoning kept when written
+        jsonschema.validate(json.loads(parsed.content), schema)
+    assert len(SCHEMAS) >= 30
+    assert stopped >= len(outs) * 3 // 4, f"only {stopped} of {len(outs)} stopped"
+
+
+def test_forced_tool_calls_always_call_with_valid_arguments(engine, chat_prompt):
+    required = hg.chat_grammar(None, TOOLS, "required", max_tokens=96, max_reasoning_tokens=8, max_string_length=16)
+    named = hg.chat_grammar(None, TOOLS, {"type": "function", "function": {"name": "add"}}, max_tokens=96,
+                            max_reasoning_tokens=8)
+    requests = {f"r{i}": (chat_prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=96, grammar=required))
+                for i in range(6)}
+    requests |= {f"n{i}": (chat_prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=96, grammar=named))
+                 for i in range(6)}
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for (rid, _), tokens in run_all(engine, requests).items():
+        calls = _parse(tokens).tool_calls
+        assert len(calls) == 1, (rid, calls)
+        if rid.startswith("n"):
+            assert calls[0].name == "add"
+        if tokens[-1] == 200012:  # <|call|>: the call completed
+            jsonschema.validate(json.loads(calls[0].arguments), schemas[calls[0].name])
+
+
+def test_unconstrained_neighbours_keep_their_greedy_tokens(engine, chat_prompt):
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    g = hg.chat_grammar({"type": "json_object"}, None, None, max_tokens=8, max_reasoning_tokens=2)
+    alone = run_all(engine, {f"p{i}": (prompt(5 + i, seed=i), plain) for i in range(3)})
+    mixed = {f"p{i}": (prompt(5 + i, seed=i), plain) for i in range(3)}
+    mixed |= {f"c{i}": (chat_prompt, SamplingParams(temperature=0.0, max_tokens=8, grammar=g)) for i in range(3)}
+    together = run_all(engine, mixed)
+    assert all(together[k] == v for k, v in alone.items())
+    assert all(together[(f"c{i}", 0)][0] == CHANNEL for i in range(3))  # and the neighbours were constrained
+
+
+def test_logprobs_are_of_the_masked_distribution(engine, chat_prompt):
+    g = hg.chat_grammar({"type": "json_object"}, None, None, max_tokens=4, max_reasoning_tokens=0)
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=4, logprobs=3, seed=1, grammar=g)
+    engine.add_request("lp", chat_prompt, params)
+    logprobs = []
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            logprobs += d.logprobs or []
+    # budget 0: `<|channel|>final<|message|>` is forced, so the first token has all the mass
+    first = logprobs[0]
+    assert first[CHANNEL] == pytest.approx(0.0, abs=1e-6)
+    assert all(t == CHANNEL or math.isinf(lp) for t, lp in first.items())
+
+
+def test_preemption_rebuilds_the_matcher_instead_of_advancing_it_twice(tiny_ckpt):
+    g = hg.chat_grammar({"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[10]}}, None, None,
+                        max_tokens=14, max_reasoning_tokens=3)
+    params = SamplingParams(temperature=0.0, max_tokens=14, grammar=g)
+    requests = {f"r{i}": (prompt(8 + 3 * i, seed=300 + i), params) for i in range(6)}
+    small = make_engine(tiny_ckpt, num_kv_blocks=12, max_model_len=48, enable_prefix_caching=False)
+    out_small = run_all(small, requests)
+    assert small.stats()["num_preemptions"] > 0
+    assert out_small == run_all(make_engine(tiny_ckpt), requests)
+    for tokens in out_small.values():  # every output is still a prefix the grammar accepts
+        assert not GrammarState.start(g, tokens).broken
+
+
+def test_replaying_output_tokens_restores_the_matcher_state():
+    g = hg.completion_grammar({"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}})
+    twelve = encode_text("12")
+    st = GrammarState.start(g, [])
+    for t in twelve:
+        st.advance(t)
+    replayed = GrammarState.start(g, twelve)
+    assert st.matcher.compute_bitmask() == replayed.matcher.compute_bitmask()
+    assert not replayed.broken and GrammarState.start(g, encode_text("12 {")).broken
+
+
+def test_a_bad_grammar_is_rejected_when_the_request_arrives(engine):
+    bad = hg.completion_grammar({"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}})
+    with pytest.raises(SamplingParamsError, match="nowhere"):
+        engine.add_request("bad", [1, 2, 3], SamplingParams(max_tokens=4, grammar=bad))
+    assert not engine.has_unfinished_requests()
