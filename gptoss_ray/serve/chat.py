@@ -19,6 +19,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptoss_ray.harmony.encoding import stop_token_ids
+from gptoss_ray.harmony.grammar import chat_grammar
 from gptoss_ray.harmony.parse import Delta, HarmonyStreamParser
 from gptoss_ray.harmony.render import RenderError, render_chat
 from gptoss_ray.sampling_params import TokenDelta
@@ -26,6 +27,7 @@ from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError, sse_error
 from gptoss_ray.serve.protocol import ChatCompletionRequest
 from gptoss_ray.serve.sampling import build_sampling_params, chat_logprobs, usage
+from gptoss_ray.serve.structured import constrain, dump
 
 
 @dataclass
@@ -42,19 +44,8 @@ class _Choice:
         return "tool_calls" if self.parser.tool_calls else "stop"
 
 
-def _check_supported(req: ChatCompletionRequest) -> None:
-    choice = req.tool_choice
-    if choice == "required" or (choice is not None and not isinstance(choice, str)):
-        raise OpenAIError(400, "tool_choice 'required' and named functions need constrained decoding, which this "
-                          "server does not have yet; use 'auto' or 'none'", param="tool_choice")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise OpenAIError(400, f"response_format '{req.response_format.type}' needs constrained decoding, which this "
-                          "server does not have yet; use 'text'", param="response_format")
-
-
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest) -> Any:
     ctx.check_model(req.model)
-    _check_supported(req)
     try:
         rendered = render_chat(
             [m.model_dump(exclude_none=True) for m in req.messages],
@@ -70,6 +61,9 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
         req, len(prompt), await ctx.max_model_len(), req.max_completion_tokens or req.max_tokens,
         logprobs=top, stop_token_ids=list(stop_token_ids()), prompt_param="messages",
     )
+    params = await constrain(ctx, params, chat_grammar, dump(req.response_format),
+                             [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+                             dump(req.tool_choice), max_reasoning_tokens=req.max_reasoning_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     choices = [_Choice(HarmonyStreamParser(stop=params.stop)) for _ in range(params.n)]
     admission = ctx.admit(params.n)  # 429 / 400 now, while a status can still be sent
@@ -99,7 +93,8 @@ def _absorb(choice: _Choice, delta: TokenDelta, top: int | None) -> list[Delta]:
 
 def _message(choice: _Choice) -> dict[str, Any]:
     p = choice.parser
-    msg: dict[str, Any] = {"role": "assistant", "content": p.content or (None if p.tool_calls else "")}
+    msg: dict[str, Any] = {"role": "assistant", "content": p.content or (None if p.tool_calls else ""),
+                           "refusal": None}  # as OpenAI sends it; the SDK's .parse() reads it
     if p.reasoning:
         msg["reasoning_content"] = msg["reasoning"] = p.reasoning
     if p.tool_calls:

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptoss_ray.harmony.encoding import IncrementalDecoder, decode
+from gptoss_ray.harmony.grammar import completion_grammar
 from gptoss_ray.harmony.parse import StopFilter
 from gptoss_ray.harmony.render import encode_text
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
@@ -24,6 +25,7 @@ from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError, sse_error
 from gptoss_ray.serve.protocol import CompletionRequest
 from gptoss_ray.serve.sampling import build_sampling_params, completion_logprobs, usage
+from gptoss_ray.serve.structured import constrain, dump
 
 MAX_BATCH = 64
 VOCAB_LIMIT = 201088
@@ -84,6 +86,10 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest) -> Any:
     prompts = _prompts(req)
     max_len = await ctx.max_model_len()
     params = [build_sampling_params(req, len(p), max_len, req.max_tokens, req.logprobs, [], "prompt") for p in prompts]
+    if req.response_format is not None:
+        fmt = dump(req.response_format)
+        params = [await constrain(ctx, p, lambda f, _max_tokens, **kw: completion_grammar(f, **kw), fmt)
+                  for p in params]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     n = params[0].n
     choices = [_Choice(IncrementalDecoder(skip_special=req.skip_special_tokens), StopFilter(params[0].stop))

@@ -41,6 +41,14 @@ class ServeConfig(BaseModel):
     default_reasoning_effort: Literal["low", "medium", "high"] = Field(
         "medium", description="reasoning_effort of requests that do not set it."
     )
+    grammar_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Compile limit of a structured-output grammar; beyond it the request gets 400."
+    )
+    structured_max_string_length: int | None = Field(
+        None, ge=1, le=1 << 20, description="Steering for constrained JSON: strings without a maxLength get this "
+        "one (and json_object keys and values are bounded by it); None = strings are unbounded. Only narrows the "
+        "valid outputs; useful for models that do not close strings by themselves (the random-weight demo)."
+    )
     num_replicas: int = Field(1, ge=1, description="Model instances (LLMServer replicas), each with ep_size workers.")
     ingress_num_cpus: float = Field(0.1, ge=0, description="Logical CPUs of each ingress replica.")
     server_num_cpus: float = Field(

@@ -187,6 +187,9 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
+    max_reasoning_tokens: int | None = Field(
+        None, ge=0, le=MAX_TOKENS, description="Extension: analysis-channel budget of a constrained reply (structured "
+        "output or forced tool call); the grammar closes the reasoning when it runs out. Default: half of max_tokens.")
     # OpenAI parameters this server does not implement: a 400 naming them, never ignored
     functions: list[dict[str, Any]] | None = Field(None, description="Not supported: use tools.")
     function_call: str | dict[str, Any] | None = Field(None, description="Not supported: use tool_choice.")
@@ -220,6 +223,8 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     suffix: str | None = None
     skip_special_tokens: bool = True
+    response_format: ResponseFormat | None = Field(
+        None, description="Extension: the completion is JSON (matching json_schema.schema), then <|return|>.")
 
 
 class TokenizeCompletionRequest(_Request):
