@@ -34,6 +34,10 @@ def moe_experts(x, expert_ids, weights, w: ExpertWeights, alpha: float = 1.702, 
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window=None):
+    if q.shape[0] == 0:
+        # A step with no tokens on this rank (an expert-parallel rank that still joins every
+        # MoE all-to-all): nothing to attend, and neither kernel takes an empty batch.
+        return torch.empty_like(q)
     if use_triton(q):
         from gptoss_kernels.attention_triton import paged_attention_triton
 

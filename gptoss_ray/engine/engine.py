@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from gptoss_ray.config import HARMONY_STOP_TOKEN_IDS, EngineConfig, ModelConfig
-from gptoss_ray.engine.executor import Executor, create_executor
+from gptoss_ray.engine.executor import Executor, InProcessExecutor
 from gptoss_ray.engine.kv_cache import KVCacheManager, plan_num_blocks, sliding_blocks_needed
 from gptoss_ray.engine.memory import kv_cache_bytes
 from gptoss_ray.engine.output import StopChecker, harmony_decoder
@@ -64,6 +64,16 @@ def build_worker_config(config: EngineConfig) -> tuple[WorkerConfig, ModelConfig
         dequantize_experts=config.dequantize_experts,
     )
     return worker, model
+
+
+def create_executor(worker_config: WorkerConfig, config: EngineConfig) -> Executor:
+    if worker_config.ep_size == 1:
+        return InProcessExecutor(worker_config)
+    # Imported here: Ray is a dependency of expert parallelism only, not of one-rank engines.
+    from gptoss_ray.engine.ray_executor import RayExecutor
+
+    logger.info("expert parallelism over %d ranks", worker_config.ep_size)
+    return RayExecutor(worker_config, config)
 
 
 def eos_token_ids(model: ModelConfig) -> set[int]:

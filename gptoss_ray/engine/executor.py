@@ -1,24 +1,16 @@
 """How the engine reaches its workers: one StepPlan in, one StepResult per rank out.
 
 `InProcessExecutor` holds a single Worker in the engine's process (ep_size=1, the default
-and what the tests use). The expert-parallel executor (gptoss_ray.parallel) implements the
-same interface over N Ray actors.
+and what the tests use). `RayExecutor` (ray_executor.py) implements the same interface
+over N expert-parallel Ray actors; `create_executor` (engine.py) picks one.
 """
 
 from __future__ import annotations
 
 import abc
-import importlib
-import logging
 
 from gptoss_ray.engine.plan import StepPlan, StepResult
 from gptoss_ray.engine.worker import Worker, WorkerConfig
-
-logger = logging.getLogger(__name__)
-
-# ep_size > 1: "module:Class" of the expert-parallel executor, constructed as
-# cls(worker_config, engine_config) (written in gptoss_ray/parallel/).
-EP_EXECUTOR = "gptoss_ray.parallel.executor:RayExecutor"
 
 
 class Executor(abc.ABC):
@@ -47,12 +39,3 @@ class InProcessExecutor(Executor):
 
     def shutdown(self) -> None:
         self.worker = None
-
-
-def create_executor(worker_config: WorkerConfig, engine_config) -> Executor:
-    if worker_config.ep_size == 1:
-        return InProcessExecutor(worker_config)
-    module_name, cls_name = EP_EXECUTOR.split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    logger.info("expert parallelism over %d ranks with %s", worker_config.ep_size, EP_EXECUTOR)
-    return cls(worker_config, engine_config)

@@ -2,8 +2,10 @@
 
 It keeps a mirror of each sequence placed on its rank (tokens, block tables, sampling
 params) so each step only carries the diff (see plan.py). Runs in-process for ep_size=1
-(InProcessExecutor); the expert-parallel executor runs N copies as Ray actors, overriding
-`load_model` to load only its experts and install the all-to-all dispatcher.
+(InProcessExecutor); for ep_size > 1 the RayExecutor builds one per Ray actor, each
+holding only its rank's `experts` (the actor installs the all-to-all dispatcher).
+Every step runs the model, with zero tokens if none are on this rank: an expert-parallel
+rank then still joins each MoE layer's all-to-all, and no caller needs a special case.
 
 Legend: T tokens of the step, B sequences computed, S sequences sampled, MB blocks per
 sequence, R rows of the block-table tensors (= max_num_seqs).
@@ -38,7 +40,7 @@ class WorkerConfig:
     num_sliding_blocks: int  # blocks of the sliding-window pool (0 if the model has no sliding layers)
     max_num_seqs: int  # rows of the block-table tensors: sequences a rank can hold at once
     max_model_len: int  # longest sequence: columns of the block tables
-    ep_size: int = 1  # expert-parallel ranks; with > 1 every rank runs forward every step
+    ep_size: int = 1  # expert-parallel ranks (Ray actors when > 1)
     eos_token_ids: tuple[int, ...] = ()  # masked while a sequence is under min_tokens
     seed: int | None = None  # unseeded sampling's generator; None = from the OS
     dequantize_experts: bool | None = None  # unpack MXFP4 experts at load; None = auto (see EngineConfig)
@@ -98,8 +100,9 @@ class SeqState:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, rank: int = 0):
+    def __init__(self, config: WorkerConfig, rank: int = 0, experts: range | None = None):
         self.config, self.rank = config, rank
+        self.experts = experts  # this rank's experts of every MoE layer; None = all
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.model = self.load_model()
@@ -124,12 +127,12 @@ class Worker:
         self.history: TokenHistory | None = None  # token ids on the device, once penalties are used
         self.masks: GrammarMasks | None = None  # bitmask buffers, once a constrained sequence arrives
 
-    # --- hooks the expert-parallel worker overrides -------------------------------------------
+    # --- building ---------------------------------------------------------------------------------
 
     def load_model(self):
         from gptoss_ray.model.loader import load_model
 
-        return load_model(self.config.model_path, self.dtype, self.device)
+        return load_model(self.config.model_path, self.dtype, self.device, experts=self.experts)
 
     def allocate_kv_cache(self, num_blocks: dict[str, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         from gptoss_ray.model.attention import allocate_kv_cache
@@ -147,9 +150,7 @@ class Worker:
             self._add(new)
         for kind, updates in work.table_updates.items():
             self._apply_updates(kind, updates)
-        result = StepResult()
-        if work.seq_ids or self.config.ep_size > 1:  # EP ranks must all meet in each all-to-all
-            result = self._run(work.seq_ids, work.num_new_tokens)
+        result = self._run(work.seq_ids, work.num_new_tokens)  # zero tokens: an empty forward
         if plan.report_expert_load:
             result.expert_load = self.expert_load()
         return result

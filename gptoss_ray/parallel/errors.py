@@ -4,8 +4,8 @@
 class WorkerGroupError(RuntimeError):
     """A worker died, hung past the step timeout, or failed a step.
 
-    Raised by `RayExecutor.execute()` (and `check_health()`) after the whole group has been
-    torn down: every sequence held by the workers (its KV cache, its sampler state) is
-    lost. The engine ends those requests with finish_reason "error", forgets what it knew
-    of the workers' caches (block tables, prefix-cache entries), and carries on: the next
-    `execute()` builds a fresh group."""
+    Raised by `WorkerGroup.step()` / `health_check()` (so by the engine's RayExecutor) after
+    the whole group has been torn down: every sequence held by the workers (its KV cache,
+    its sampler state) is lost. The engine ends those requests with finish_reason "error",
+    forgets what it knew of the workers' caches (block tables, prefix-cache entries), and
+    carries on: the next `execute()` builds a fresh group."""

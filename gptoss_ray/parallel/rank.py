@@ -1,7 +1,11 @@
 """One rank of an expert-parallel group: the body of each Ray worker actor.
 
 Kept free of Ray imports so the same class runs as an actor (worker_group.py wraps it
-with `ray.remote`) and could run in any other process launcher.
+with `ray.remote`) and could run in any other process launcher. It knows nothing of the
+engine: it holds whatever `RankWorker` the factory builds (the engine's Worker, or a
+benchmark's stand-in), joins the process group and points the worker's MoE layers at
+the all-to-all dispatcher. The worker runs its model every step, with zero tokens when
+none are on this rank, so every rank meets the others at each layer's all-to-all.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -21,11 +26,29 @@ from gptoss_ray.parallel.placement import ExpertPlacement
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class RankStepOutput:
-    """What one rank returns per step: the engine's StepResult plus the step's costs."""
+PlanT = TypeVar("PlanT", contravariant=True)
+ResultT = TypeVar("ResultT")
+ResultT_co = TypeVar("ResultT_co", covariant=True)
 
-    result: object  # the engine Worker's StepResult for this rank's sequences
+
+class RankWorker(Protocol[PlanT, ResultT_co]):
+    """What a rank runs: one `execute(plan)` per step. `model` (a GptOssModel, or None for a
+    worker without one) gets the dispatcher; it must run every step, tokens or not."""
+
+    model: torch.nn.Module | None
+
+    def execute(self, plan: PlanT) -> ResultT_co: ...
+
+
+# Runs inside the actor: (rank, experts it owns) -> the worker.
+WorkerFactory = Callable[[int, range], RankWorker]
+
+
+@dataclass
+class RankStepOutput(Generic[ResultT]):
+    """What one rank returns per step: its worker's result plus the step's costs."""
+
+    result: ResultT  # the worker's result for this rank's sequences (the engine's StepResult)
     all_to_all_s: float  # seconds this rank spent inside MoE collectives
     wire_bytes: int  # bytes this rank sent to other ranks
     pair_wire_bytes: int  # what a per-pair dispatch would have sent (see DispatchStats)
@@ -46,10 +69,10 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
 
 
 class RankActor:
-    """Holds the engine Worker of one rank, built with only this rank's experts."""
+    """Holds the worker of one rank, built with only this rank's experts."""
 
     def __init__(self, rank: int, world_size: int, device: str, experts: range,
-                 worker_factory: Callable):
+                 worker_factory: WorkerFactory):
         if device == "cpu":
             # N ranks share the host's cores; intra-op threads would only fight each other.
             torch.set_num_threads(1)
@@ -57,7 +80,7 @@ class RankActor:
         self.experts = experts
         self.worker_factory = worker_factory
         self.group = ProcessGroupHandle()
-        self.worker = None
+        self.worker: RankWorker | None = None
         self.stats = DispatchStats()
         self.num_moe_layers = 0
         self._dispatcher: ExpertParallelDispatcher | None = None
@@ -70,7 +93,7 @@ class RankActor:
         device = "cuda:0" if self.device == "cuda" else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES
         self.group.join(info, self.rank, device)
         self.worker = self.worker_factory(self.rank, self.experts)
-        model = getattr(self.worker, "model", None)
+        model = self.worker.model
         if model is not None and self.world_size > 1:
             num_experts = model.config.num_local_experts
             placement = ExpertPlacement(num_experts, self.world_size)
@@ -86,27 +109,13 @@ class RankActor:
         self.stats.reset()
         t0 = time.perf_counter()
         result = self.worker.execute(plan)
-        if self._dispatcher is not None and self.stats.layers < self.num_moe_layers:
-            self._take_part_idle()
+        if self._dispatcher is not None and self.stats.layers != self.num_moe_layers:
+            # A rank that skipped a layer's all-to-all leaves the others waiting in it.
+            raise RuntimeError(f"rank {self.rank} ran {self.stats.layers} of {self.num_moe_layers} MoE layers")
         return RankStepOutput(
             result=result, all_to_all_s=self.stats.all_to_all_s, wire_bytes=self.stats.wire_bytes,
             pair_wire_bytes=self.stats.pair_wire_bytes, worker_s=time.perf_counter() - t0,
         )
-
-    def _take_part_idle(self) -> None:
-        """A Worker that skipped its forward (no tokens on this rank) still owes the other
-        ranks one dispatch per MoE layer: serve them with zero tokens of our own."""
-        if self.stats.layers != 0:
-            raise RuntimeError(f"rank {self.rank} ran {self.stats.layers} of {self.num_moe_layers} MoE layers")
-        model = self.worker.model
-        hidden, top_k = model.config.hidden_size, model.config.num_experts_per_tok
-        dev = next(model.parameters()).device
-        x = torch.empty(0, hidden, dtype=model.dtype, device=dev)
-        ids = torch.empty(0, top_k, dtype=torch.int64, device=dev)
-        weights = torch.empty(0, top_k, dtype=model.dtype, device=dev)
-        with torch.inference_mode():
-            for moe in model.moe_layers():
-                self._dispatcher(x, ids, weights, moe.experts)
 
     # --- queries (plain remote calls, not per step) -------------------------------------
 

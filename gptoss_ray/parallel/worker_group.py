@@ -1,7 +1,8 @@
 """N Ray actors forming one expert-parallel model instance, and the executor driving them.
 
 Layout: a placement group of N bundles (PACK by default: NVLink-near GPUs; SPREAD on
-request) holds one actor per rank. Each actor builds its engine Worker with only its
+request) holds one actor per rank. Each actor builds its worker (the engine's, through
+the factory the engine passes in: this module imports nothing from the engine) with only its
 experts (`placement.range(rank)`), joins a torch.distributed group (gloo on CPU, NCCL on
 CUDA) and points every MoE layer at the all-to-all dispatcher.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import ray
@@ -33,7 +33,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from gptoss_ray.parallel.errors import WorkerGroupError
 from gptoss_ray.parallel.placement import ExpertPlacement
-from gptoss_ray.parallel.rank import RankActor, RankStepOutput
+from gptoss_ray.parallel.rank import RankActor, RankStepOutput, WorkerFactory
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,11 @@ class StepStats:
 class WorkerGroup:
     """The N rank actors, their process group and (optionally) a compiled step graph.
 
-    `worker_factory(rank, experts: range)` runs inside each actor and returns the engine
-    Worker (anything with `execute(plan) -> StepResult`, and `.model` for the dispatcher)."""
+    `worker_factory(rank, experts: range)` runs inside each actor and returns a `RankWorker`
+    (`execute(plan) -> result`, and `.model` for the dispatcher); `step(plan)` returns
+    each rank's result wrapped in a RankStepOutput."""
 
-    def __init__(self, config: WorkerGroupConfig, worker_factory: Callable):
+    def __init__(self, config: WorkerGroupConfig, worker_factory: WorkerFactory):
         self.config = config
         self.placement = ExpertPlacement(config.num_experts, config.ep_size)
         self.worker_factory = worker_factory

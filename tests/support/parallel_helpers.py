@@ -6,7 +6,7 @@ from __future__ import annotations
 from gptoss_ray.engine.engine import LLMEngine
 from gptoss_ray.engine.executor import InProcessExecutor
 from gptoss_ray.engine.llm import LLM
-from gptoss_ray.parallel.executor import RayExecutor
+from gptoss_ray.engine.ray_executor import RayExecutor
 from gptoss_ray.sampling_params import SamplingParams
 
 # Several concurrent requests of different prompt and output lengths.

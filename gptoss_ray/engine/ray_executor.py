@@ -1,9 +1,9 @@
 """RayExecutor: the engine's Executor over N expert-parallel Ray worker actors.
 
-The engine picks it when `ep_size > 1` (engine/executor.py: `EP_EXECUTOR`) and builds it
-as `RayExecutor(worker_config, engine_config)`. Each rank's Worker is the engine's own
-Worker, loading only its experts; worker_group.py holds the actors, the process group
-and the compiled step graph.
+The engine picks it when `ep_size > 1` (engine.py: `create_executor`). Each rank's
+worker is the engine's own Worker, loading only its experts; gptoss_ray.parallel's
+WorkerGroup holds the actors, the process group and the compiled step graph, and knows
+nothing of the engine beyond the factory handed to it here.
 
 Errors: `execute()` raises `WorkerGroupError` when a worker dies, hangs past
 `EngineConfig.step_timeout_s` or fails a step. By then the group is torn down and every
@@ -27,32 +27,9 @@ from gptoss_ray.engine.executor import Executor
 from gptoss_ray.engine.plan import StepPlan, StepResult
 from gptoss_ray.engine.worker import Worker, WorkerConfig
 from gptoss_ray.errors import ConfigError
-from gptoss_ray.parallel.errors import WorkerGroupError
 from gptoss_ray.parallel.worker_group import StepStats, WorkerGroup, WorkerGroupConfig
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["ExpertParallelWorker", "RayExecutor", "WorkerGroupError"]
-
-
-class ExpertParallelWorker(Worker):
-    """The engine's Worker, holding only experts `experts` of every MoE layer."""
-
-    def __init__(self, config: WorkerConfig, rank: int, experts: range):
-        self.experts = experts  # read by load_model, which Worker.__init__ calls
-        super().__init__(config, rank)
-
-    def load_model(self):
-        from gptoss_ray.model.loader import load_model
-
-        return load_model(self.config.model_path, self.dtype, self.device, experts=self.experts)
-
-    def _run(self, seq_ids: list[int], num_new_tokens: list[int]) -> StepResult:
-        # With nothing on this rank, skip the model (it does not take zero tokens); the
-        # rank actor then joins each MoE layer's all-to-all with zero rows (rank.py).
-        if not seq_ids:
-            return StepResult()
-        return super()._run(seq_ids, num_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -62,7 +39,7 @@ class EngineWorkerFactory:
     config: WorkerConfig  # the engine's resolved worker settings, identical on every rank
 
     def __call__(self, rank: int, experts: range) -> Worker:
-        return ExpertParallelWorker(self.config, rank, experts)
+        return Worker(self.config, rank, experts)
 
 
 class RayExecutor(Executor):
