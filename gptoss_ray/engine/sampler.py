@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from gptoss_ray.engine.structured import apply_token_bitmask
-
-if TYPE_CHECKING:
-    from gptoss_ray.engine.worker import SeqState
+from gptoss_ray.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (avoids dividing logits by ~0)
@@ -62,6 +60,24 @@ def mix_seed(seed: int, sample_index: int, position: int) -> int:
     return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
+class SampledRow(Protocol):
+    """What the sampler reads of each sequence it samples (the worker's SeqState): the
+    sampler depends on this shape, not on the worker."""
+
+    params: SamplingParams
+    sample_index: int  # which of the request's n samples (mixed into a seeded row's seed)
+    row: int  # the sequence's row in TokenHistory
+    token_ids: list[int]  # prompt + output so far
+    num_prompt_tokens: int
+    greedy: bool
+    temperature: float
+    plain: bool
+    has_penalty: bool
+
+    @property
+    def num_output_tokens(self) -> int: ...
+
+
 @dataclass
 class Penalties:
     rows: torch.Tensor  # [P] int64 rows of the batch with any penalty
@@ -92,7 +108,7 @@ class SamplingMetadata:
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def build(cls, states: list[SeqState], vocab_size: int, eos_token_ids: list[int], device,
+    def build(cls, states: list[SampledRow], vocab_size: int, eos_token_ids: list[int], device,
               history: TokenHistory | None = None,
               grammar: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplingMetadata:
         greedy_list = [s.greedy for s in states]
@@ -163,7 +179,7 @@ class TokenHistory:
         return seen.masked_fill(pos < start, self.vocab_size), seen
 
 
-def _build_penalties(states: list[SeqState], history: TokenHistory | None, device) -> Penalties | None:
+def _build_penalties(states: list[SampledRow], history: TokenHistory | None, device) -> Penalties | None:
     rows = [i for i, s in enumerate(states) if s.has_penalty]
     if not rows:
         return None
