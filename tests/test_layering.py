@@ -22,7 +22,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "sampling_params": {"errors"},
     "metrics": set(),
     "kernels": set(),
-    "harmony": {"errors"},
+    "harmony": {"errors", "config"},
     "checkpoint": {"errors", "config", "kernels"},  # write.py packs MXFP4
     "model": BASE | {"checkpoint", "kernels"},
     "parallel": BASE,  # torch.distributed concerns only: never the engine
