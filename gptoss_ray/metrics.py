@@ -45,6 +45,9 @@ class ServingMetrics:
         self.aborted = Counter("gptoss:requests_aborted", "Requests aborted mid-way (client gone, error).", m, registry=r)
         self.rejected = Counter("gptoss:requests_rejected", "Requests refused because the queue was full.", m, registry=r)
         self.expert_load = Gauge("gptoss:expert_load_tokens", "Tokens routed to each expert (cumulative).", m + ["layer", "expert"], registry=r)
+        self.endpoint_requests = Counter("gptoss:endpoint_requests", "Generation requests accepted, by endpoint.", m + ["endpoint"], registry=r)
+        self.store_size = Gauge("gptoss:responses_store_size", "Responses held by the response store (read at scrape).", m, registry=r)
+        self.store_errors = Counter("gptoss:responses_store_errors", "Response store queries that failed.", m, registry=r)
         self._last: dict[str, float] = {}  # last cumulative engine counters, to increment by the difference
 
     def labels(self, metric: Any, **extra: str) -> Any:
@@ -65,6 +68,12 @@ class ServingMetrics:
         self.labels(self.request_success, finished_reason=finish_reason).inc()
         self.labels(self.e2e).observe(seconds)
         self.labels(self.prompt_tokens).inc(num_prompt_tokens)
+
+    def observe_endpoint_request(self, endpoint: str) -> None:
+        self.labels(self.endpoint_requests, endpoint=endpoint).inc()
+
+    def observe_store_error(self) -> None:
+        self.labels(self.store_errors).inc()
 
     # --- engine state ----------------------------------------------------------------
 

@@ -58,8 +58,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(INFO shows one line per request; default: Ray Serve's own levels)")
     parser.add_argument("--disable-log-requests", action="store_true",
                         help="no per-request log lines (Ray Serve's access logs, the ingress's request lines)")
+    parser.add_argument("--responses-store", default=None,
+                        help="stored /v1/responses: sqlite:///PATH (default: under the cache dir), "
+                        "postgresql://... (shared by replicas) or none")
+    parser.add_argument("--responses-ttl", type=_duration, default=None,
+                        help="how long stored responses are kept: seconds, or with a unit (90m, 12h, 30d; default 30d)")
     parser.add_argument("--engine-cls", default=None, help="module:Class of the engine (testing)")
     parser.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray cluster")
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = units.get(text[-1:].lower(), 1) if text else 1
+    number = text[:-1] if text[-1:].lower() in units else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 3600, 90m, 12h, 30d)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the duration must be positive")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -80,6 +98,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         serve_args["max_queued_requests"] = args.max_queued_requests
     if args.engine_cls:
         serve_args["engine_cls"] = args.engine_cls
+    if args.responses_store is not None:
+        serve_args["responses_store"] = args.responses_store
+    if args.responses_ttl is not None:
+        serve_args["responses_ttl_s"] = args.responses_ttl
     return ServeConfig.from_args(serve_args)
 
 

@@ -65,6 +65,11 @@ class ServeConfig(BaseModel):
     disable_log_requests: bool = Field(
         False, description="No per-request log lines: Ray Serve's access logs and the ingress's request lines."
     )
+    responses_store: str | None = Field(
+        None, description="Where /v1/responses keeps stored responses: sqlite:///PATH (default: "
+        "responses.sqlite3 under the cache directory), postgresql://USER:PASS@HOST/DB (shared by replicas), or none.")
+    responses_ttl_s: float = Field(
+        30 * 24 * 3600.0, gt=0, description="Stored responses expire (and are deleted) this many seconds after creation.")
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy.")
 
@@ -95,6 +100,13 @@ class ServeConfig(BaseModel):
         if key is None:
             key = os.environ.get(API_KEY_ENV) or None
         object.__setattr__(self, "api_key", key)
+        return self
+
+    @model_validator(mode="after")
+    def _check_store(self) -> ServeConfig:
+        url = self.responses_store
+        if url is not None and url != "none" and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(f"responses_store {url!r}: expected sqlite:///PATH, postgresql://... or none")
         return self
 
     @property

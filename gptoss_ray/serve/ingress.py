@@ -27,6 +27,16 @@ from gptoss_ray.serve.completions import create_completion
 from gptoss_ray.serve.config import ServeConfig, install_log_level
 from gptoss_ray.serve.engine_client import HandleClient, ServingContext
 from gptoss_ray.serve.errors import error_response, install_error_handlers
+from gptoss_ray.serve.responses import (
+    ResponsesService,
+    cancel_response,
+    create_response,
+    delete_response,
+    list_input_items,
+    retrieve_response,
+)
+from gptoss_ray.serve.responses_protocol import DeletedResponse, InputItemList, ResponseObject
+from gptoss_ray.serve.responses_store import open_store
 from gptoss_ray.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -104,6 +114,13 @@ async def health(request: Request) -> Any:
 
 async def metrics(request: Request) -> Any:
     ctx = _ctx(request)
+    store = request.app.state.responses.store
+    if store.enabled:
+        try:
+            ctx.metrics.labels(ctx.metrics.store_size).set(await asyncio.wait_for(store.count(), ctx.config.health_timeout_s))
+        except Exception as e:
+            ctx.metrics.observe_store_error()
+            logger.warning("response store size unavailable: %s", type(e).__name__)
     try:
         ctx.metrics.update_engine_stats(await asyncio.wait_for(ctx.client.stats(), ctx.config.health_timeout_s))
     except Exception as e:  # request metrics are still worth scraping
@@ -124,6 +141,14 @@ ROUTES = (
     RouteSpec("POST", "/v1/chat/completions", chat_completions, "Chat completion (harmony reasoning, tool calls, SSE)",
               ChatCompletionResponse),
     RouteSpec("POST", "/v1/completions", completions, "Text completion from text or token ids", CompletionResponse),
+    RouteSpec("POST", "/v1/responses", create_response, "Responses API (harmony items, stored conversations, SSE)",
+              ResponseObject),
+    RouteSpec("GET", "/v1/responses/{response_id}", retrieve_response, "A stored response", ResponseObject),
+    RouteSpec("DELETE", "/v1/responses/{response_id}", delete_response, "Delete a stored response", DeletedResponse),
+    RouteSpec("GET", "/v1/responses/{response_id}/input_items", list_input_items, "A stored response's input items",
+              InputItemList),
+    RouteSpec("POST", "/v1/responses/{response_id}/cancel", cancel_response, "Cancel a background response",
+              ResponseObject),
     RouteSpec("GET", "/v1/models", list_models, "The served model, once per served name", ModelList),
     RouteSpec("GET", "/v1/models/{model_id}", retrieve_model, "One served model name (404 if unknown)", ModelCard),
     RouteSpec("POST", "/tokenize", tokenize_route, "Token ids of a prompt or a chat (vLLM's shape)",
@@ -187,6 +212,7 @@ class GuardMiddleware:
 def build_api(ctx: ServingContext) -> FastAPI:
     app = FastAPI(title="gptoss-ray", description="OpenAI-compatible API for gpt-oss models", version="0.1.0")
     app.state.ctx = ctx
+    app.state.responses = ResponsesService(ctx, open_store(ctx.config.responses_store), ctx.config.responses_ttl_s)
     for route in ROUTES:
         app.add_api_route(route.path, route.endpoint, methods=[route.method], summary=route.summary,
                           response_model=route.response_model, responses=_ERRORS)
