@@ -183,7 +183,7 @@ def _truncate(req: ResponsesRequest, history: list[dict[str, Any]], items: list[
 def _sampling(req: ResponsesRequest, num_prompt: int, max_model_len: int, top: int | None) -> SamplingParams:
     view = SimpleNamespace(n=1, stop=None, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                            presence_penalty=0.0, frequency_penalty=0.0, top_k=None, min_p=None,
-                           repetition_penalty=None, min_tokens=0, ignore_eos=False)
+                           repetition_penalty=None, min_tokens=0, ignore_eos=False, logit_bias=None)
     try:
         return build_sampling_params(view, num_prompt, max_model_len, req.max_output_tokens, logprobs=top,
                                      stop_token_ids=list(stop_token_ids()), prompt_param="input")

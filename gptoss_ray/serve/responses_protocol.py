@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gptoss_ray.serve.protocol import MAX_NAME, MAX_TOKENS, _check_json
 
 MAX_INPUT_ITEMS = 4096  # items in one request (a long agent transcript fits; a flood does not)
 MAX_TOOLS = 128
@@ -23,7 +25,8 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # the chat API's rules (serve/protocol.py): JSON types as sent, finite floats only
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 class ReasoningParam(_Request):
@@ -44,7 +47,7 @@ class TextParam(_Request):
 
 
 class ResponsesRequest(_Request):
-    model: str = Field(min_length=1, description="The served model name (GET /v1/models).")
+    model: str = Field(min_length=1, max_length=MAX_NAME, description="The served model name (GET /v1/models).")
     input: str | list[dict[str, Any]] = Field(
         description="A user message as a string, or a list of items (messages, function_call, "
         "function_call_output, reasoning).", max_length=MAX_INPUT_ITEMS)
@@ -54,7 +57,7 @@ class ResponsesRequest(_Request):
     tools: list[dict[str, Any]] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -66,7 +69,23 @@ class ResponsesRequest(_Request):
     stream: bool = False
     text: TextParam | None = None
     truncation: Literal["auto", "disabled"] | None = None
-    user: str | None = Field(None, max_length=256)
+    user: str | None = Field(None, max_length=MAX_NAME)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sane_json(cls, data: Any) -> Any:
+        _check_json(data)  # nesting depth and lone surrogates, as for chat
+        return data
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is not None:
+            if len(metadata) > MAX_METADATA_KEYS:
+                raise ValueError(f"at most {MAX_METADATA_KEYS} metadata pairs")
+            if any(len(k) > 64 or len(v) > 512 for k, v in metadata.items()):
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return metadata
 
     def wants_logprobs(self) -> bool:
         return LOGPROBS_INCLUDE in (self.include or []) or bool(self.top_logprobs)

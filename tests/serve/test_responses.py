@@ -260,12 +260,20 @@ def test_background_and_cancel(client, app):
     ({"input": "hi", "background": True, "store": False}, 400, "background", "stored"),
     ({"input": 5}, 400, "input", ""),
     ({}, 400, "input", "missing"),
+    ({"input": "hi", "max_output_tokens": "5"}, 400, "max_output_tokens", ""),
+    ({"input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}}, 400, "metadata", "16"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(app, body, status, param, needle):
     r = httpx.post(app[0] + "/v1/responses", json={"model": MODEL, **body}, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and needle in err["message"]
+
+
+def test_lone_surrogate_is_a_400(app):
+    raw = '{"model": "%s", "input": "hi \\ud800"}' % MODEL  # valid JSON, not valid Unicode text
+    r = httpx.post(app[0] + "/v1/responses", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
 
 
 def test_unknown_response_routes_are_404(app):
