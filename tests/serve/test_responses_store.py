@@ -1,0 +1,155 @@
+"""The response store: both SQL backends against real databases (a SQLite file, a real
+PostgreSQL server started here), a continuation after the server restarts (SQLite), and
+two Serve applications sharing one PostgreSQL (what two replicas or pods do)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+
+from gptoss_ray.serve.responses_store import StoredResponse, key_hash, open_store
+from gptoss_ray.serve.testing import free_port, local_serve_app
+from support.postgres import postgres_or_skip
+
+pytestmark = pytest.mark.timeout(400)
+MODEL = "gpt-oss-scripted"
+WEATHER = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+SCRIPTED = "gptoss_ray.serve.testing:ScriptedEngine"
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    with postgres_or_skip() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'responses.sqlite3'}"
+    return request.getfixturevalue("pg_url")
+
+
+def record(rid: str, key: str = "a", ttl: float = 60.0, **extra) -> StoredResponse:
+    now = time.time()
+    return StoredResponse(id=rid, key_hash=key_hash(key), created_at=now, expires_at=now + ttl,
+                          response={"id": rid, "status": "completed", "output": []}, **extra)
+
+
+def test_store_roundtrip_scoping_and_expiry(store_url):
+    async def run():
+        store = open_store(store_url)
+        await store.purge_expired()
+        base = await store.count()
+        rid = f"resp_{time.time_ns()}"
+        await store.put(record(rid, prompt_token_ids=[1, 2, 3], input_items=[{"type": "message"}]))
+        got = await store.get(rid, key_hash("a"))
+        assert got.prompt_token_ids == [1, 2, 3] and got.input_items == [{"type": "message"}]
+        assert await store.get(rid, key_hash("b")) is None  # another key sees nothing
+        assert not await store.delete(rid, key_hash("b"))
+        updated = record(rid)
+        updated.response["status"] = "cancelled"
+        await store.put(updated)  # the same id replaces
+        assert (await store.get(rid, key_hash("a"))).response["status"] == "cancelled"
+        assert await store.count() == base + 1
+        await store.put(record(rid + "_old", ttl=-1.0))  # already expired: never returned, then purged
+        assert await store.get(rid + "_old", key_hash("a")) is None
+        assert await store.purge_expired() == 1 and await store.count() == base + 1
+        assert await store.delete(rid, key_hash("a")) and await store.get(rid, key_hash("a")) is None
+
+    asyncio.run(run())
+
+
+def test_bad_store_url_is_a_config_error():
+    from gptoss_ray.errors import ConfigError
+    from gptoss_ray.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match="responses_store"):
+        ServeConfig.from_args({"responses_store": "mysql://x"})
+
+
+def test_unreachable_database_is_a_503():
+    """A store that cannot be reached: 503 with Retry-After, counted in /metrics; never a 500."""
+    import httpx
+
+    from gptoss_ray.metrics import ServingMetrics
+    from gptoss_ray.serve.config import ServeConfig
+    from gptoss_ray.serve.engine_client import LocalClient, ServingContext
+    from gptoss_ray.serve.ingress import build_api
+    from gptoss_ray.serve.llm_server import LLMServer
+
+    config = ServeConfig(engine_cls=SCRIPTED, served_model_name=MODEL,
+                         responses_store=f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    server = LLMServer(config.engine.model_dump(), config.engine_cls)
+    app = build_api(ServingContext(config, LocalClient(server), ServingMetrics(MODEL)))
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            created = await c.post("/v1/responses", json={"model": MODEL, "input": "hi"})
+            fetched = await c.get("/v1/responses/resp_x")
+            metrics = (await c.get("/metrics")).text
+            return created, fetched, metrics
+
+    created, fetched, metrics = asyncio.run(run())
+    for r in (created, fetched):
+        assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable" and r.headers["retry-after"]
+    errors = [line for line in metrics.splitlines() if line.startswith("gptoss:responses_store_errors_total{")]
+    assert float(errors[0].split()[-1]) >= 2
+
+
+def test_continuation_after_restart_sqlite(tmp_path):
+    """The app is deleted and deployed again: new ingress and LLMServer actors (new
+    processes, nothing in memory survives); only the SQLite file carries the conversation."""
+    args = {"engine_cls": SCRIPTED, "served_model_name": MODEL,
+            "responses_store": f"sqlite:///{tmp_path / 'responses.sqlite3'}"}
+    with local_serve_app(args, app_name="gptoss") as url:
+        from ray import serve
+
+        from gptoss_ray.serve.app import build_app
+
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+        first = client.responses.create(model=MODEL, input="Weather? [[script:tool_call]]", tools=[WEATHER])
+        call = first.output[-1]
+        assert call.type == "function_call"
+        serve.delete("gptoss")
+        serve.run(build_app(args), name="gptoss", route_prefix="/")
+        handle = serve.get_deployment_handle("LLMServer", app_name="gptoss")
+        assert handle.debug.remote("prompts").result() == []  # a fresh replica: nothing survived in memory
+        assert client.responses.retrieve(first.id).output[-1].call_id == call.call_id
+        second = client.responses.create(model=MODEL, previous_response_id=first.id, tools=[WEATHER], input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": "21C [[script:after_tool]]"}])
+        assert second.output_text == "It is 21C in Paris."
+        # the whole first turn was rendered back, token for token, ahead of the tool's output
+        (prompt,) = [p["prompt_token_ids"] for p in handle.debug.remote("prompts").result()]
+        assert len(prompt) > first.usage.input_tokens + first.usage.output_tokens
+
+
+def test_two_apps_share_one_postgres(pg_url):
+    args = {"engine_cls": SCRIPTED, "served_model_name": MODEL, "responses_store": pg_url}
+    with local_serve_app(args, app_name="a") as url:
+        from ray import serve
+
+        from gptoss_ray.serve.app import build_app
+
+        serve.run(build_app(args), name="b", route_prefix="/b")
+        a = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+        b = openai.OpenAI(base_url=url + "/b/v1", api_key="k", max_retries=0, timeout=60)
+        first = a.responses.create(model=MODEL, input="Weather? [[script:tool_call]]", tools=[WEATHER])
+        call = first.output[-1]
+        second = b.responses.create(model=MODEL, previous_response_id=first.id, tools=[WEATHER], input=[
+            {"type": "function_call_output", "call_id": call.call_id, "output": "21C [[script:after_tool]]"}])
+        assert second.output_text == "It is 21C in Paris."
+        assert a.responses.retrieve(second.id).output_text == second.output_text
+        prompts_a = serve.get_deployment_handle("LLMServer", app_name="a").debug.remote("prompts").result()
+        prompts_b = serve.get_deployment_handle("LLMServer", app_name="b").debug.remote("prompts").result()
+        assert len(prompts_a) == 1 and len(prompts_b) == 1  # each app generated one turn
+        assert prompts_b[0]["prompt_token_ids"][:len(prompts_a[0]["prompt_token_ids"])] == \
+            prompts_a[0]["prompt_token_ids"]
+        b.responses.delete(first.id)
+        with pytest.raises(openai.NotFoundError):
+            a.responses.retrieve(first.id)
+        with pytest.raises(openai.NotFoundError):
+            a.responses.retrieve(second.id, extra_headers={"Authorization": "Bearer other"})
