@@ -39,7 +39,7 @@ from gptoss_ray.harmony.encoding import stop_token_ids
 from gptoss_ray.harmony.parse import Delta, HarmonyStreamParser
 from gptoss_ray.harmony.render import RenderError, render_chat
 from gptoss_ray.sampling_params import SamplingParams
-from gptoss_ray.serve.engine_client import ServingContext
+from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError
 from gptoss_ray.serve.responses_input import function_tools, to_messages
 from gptoss_ray.serve.responses_protocol import ResponsesRequest
@@ -432,17 +432,21 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
     run = _Run(service, req, body, record, prompt, params, _Builder(top))
     ctx.metrics.observe_endpoint_request("responses")
 
+    admission = ctx.admit(1)  # 429 now, while a status can still be sent
     if req.background:
-        await service.put(record)
-        task = asyncio.get_running_loop().create_task(_drain_background(service, run))
+        try:
+            await service.put(record)
+        except OpenAIError:
+            admission.release()
+            raise
+        task = asyncio.get_running_loop().create_task(_drain_background(service, run, admission))
         service.tasks[response_id] = task
         task.add_done_callback(lambda _: service.tasks.pop(response_id, None))
         return JSONResponse(body)
     if req.stream:
-        ctx.check_capacity()
-        return StreamingResponse(_sse(ctx, run), media_type="text/event-stream",
+        return StreamingResponse(admission.guard(_sse(admission, run)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    with ctx.admitted():
+    with admission:
         last = None
         async for event in run.events():
             last = event
@@ -453,18 +457,18 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
     return JSONResponse(run.body)
 
 
-async def _sse(ctx: ServingContext, run: _Run) -> AsyncIterator[str]:
+async def _sse(admission: Admission, run: _Run) -> AsyncIterator[str]:
     seq = 0
-    with ctx.admitted():
+    with admission:
         async for event in run.events():
             event["sequence_number"] = seq
             seq += 1
             yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
 
 
-async def _drain_background(service: ResponsesService, run: _Run) -> None:
+async def _drain_background(service: ResponsesService, run: _Run, admission: Admission) -> None:
     try:
-        with service.ctx.admitted():
+        with admission:
             async for _ in run.events():
                 pass
     except asyncio.CancelledError:
