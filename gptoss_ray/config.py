@@ -21,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gptoss_ray.errors import ConfigError
 
+ALLOW_LONG_MAX_MODEL_LEN_ENV = "GPTOSS_RAY_ALLOW_LONG_MAX_MODEL_LEN"
+
 LayerType = Literal["sliding_attention", "full_attention"]
 
 
@@ -280,7 +282,13 @@ class EngineConfig(BaseModel):
         2048, ge=16, description="Token budget of one step (decodes plus prefill chunks)."
     )
     max_model_len: int | None = Field(
-        None, ge=16, description="Longest prompt plus output; None = the model's max_position_embeddings."
+        None, ge=16, le=1 << 24,
+        description="Longest prompt plus output; None = the model's max_position_embeddings. Longer than that is "
+        f"refused at start-up unless allow_long_max_model_len (or ${ALLOW_LONG_MAX_MODEL_LEN_ENV}=1) is set.",
+    )
+    allow_long_max_model_len: bool = Field(
+        False, description="Accept a max_model_len beyond the model's max_position_embeddings (positions the "
+        "model was never trained on: its output there is likely garbage), as vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN.",
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
     dequantize_experts: bool | None = Field(
@@ -308,3 +316,18 @@ class EngineConfig(BaseModel):
             raise ValueError("set kv_cache_memory_gb (an explicit KV budget) or gpu_memory_utilization (a share of "
                              "device memory), not both")
         return self
+
+
+def check_max_model_len(config: EngineConfig, model: ModelConfig) -> None:
+    """Refuse a max_model_len beyond the model's context, as vLLM does, unless allowed
+    explicitly: a 999999999 once made a 200k-token prompt to a 4096-position model run
+    for minutes before anything failed."""
+    import os
+
+    allowed = config.allow_long_max_model_len or os.environ.get(ALLOW_LONG_MAX_MODEL_LEN_ENV, "").lower() in (
+        "1", "true", "yes")
+    limit = model.max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > limit and not allowed:
+        raise ConfigError(
+            f"max_model_len {config.max_model_len} exceeds the model's context of {limit} positions "
+            f"(max_position_embeddings); lower it, or set {ALLOW_LONG_MAX_MODEL_LEN_ENV}=1 to allow it anyway")

@@ -85,3 +85,18 @@ def test_not_json(tmp_path):
 def test_hf_dict_round_trip():
     for preset in PRESETS.values():
         assert ModelConfig.from_dict(preset.to_hf_dict()) == preset
+
+
+def test_max_model_len_beyond_the_models_context_is_refused_unless_allowed(monkeypatch):
+    from gptoss_ray.config import ALLOW_LONG_MAX_MODEL_LEN_ENV, EngineConfig, ModelConfig, check_max_model_len
+    from gptoss_ray.errors import ConfigError
+
+    monkeypatch.delenv(ALLOW_LONG_MAX_MODEL_LEN_ENV, raising=False)
+    model = PRESETS["tiny"].model_copy(update={"max_position_embeddings": 4096})
+    check_max_model_len(EngineConfig(max_model_len=4096), model)
+    check_max_model_len(EngineConfig(), model)
+    with pytest.raises(ConfigError, match="exceeds the model's context of 4096"):
+        check_max_model_len(EngineConfig(max_model_len=4097), model)
+    check_max_model_len(EngineConfig(max_model_len=8192, allow_long_max_model_len=True), model)
+    monkeypatch.setenv(ALLOW_LONG_MAX_MODEL_LEN_ENV, "1")
+    check_max_model_len(EngineConfig(max_model_len=8192), model)

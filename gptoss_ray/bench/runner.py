@@ -94,12 +94,12 @@ async def warm_up(target: Target, requests: list[BenchRequest]) -> list[RequestR
 
 
 async def fetch_first_model(base_url: str, api_key: str | None, timeout_s: float) -> str | None:
-    """The first id of GET {base_url}/models, or None when the server does not list any."""
+    """The first id of GET {base_url}/models, or None when the server does not list any
+    (httpx.HTTPStatusError when it answers with an error status)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(headers=headers, timeout=timeout_s) as client:
         resp = await client.get(f"{base_url}/models")
-        if resp.status_code != 200:
-            return None
+        resp.raise_for_status()  # a 401 is a wrong key, not a server without models
         data = resp.json().get("data") or []
         return data[0].get("id") if data else None
 

@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from gptoss_ray.bench.runner import LoadPoint, Target, fetch_first_model, run_load_point, warm_up
@@ -86,6 +87,15 @@ def run(args: argparse.Namespace) -> int:
         from gptoss_ray.bench.plot import plot_series
 
         plot_series({args.label or report["model"]: report["runs"]}, args.plot, title=f"{report['model']} at {base_url}")
+    if not any(r["completed"] for r in report["runs"]):  # nothing measured: not a benchmark result
+        by_status: dict[str, int] = {}
+        for r in report["runs"]:
+            for status, count in r["errors_by_status"].items():
+                by_status[status] = by_status.get(status, 0) + count
+        first = max(by_status, key=by_status.get) if by_status else "no_response"
+        counts = ", ".join(f"{_describe(s)} x{n}" for s, n in sorted(by_status.items()))
+        print(f"gptoss-ray bench: error: every request failed ({counts}); {failure_hint(first)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -97,8 +107,8 @@ async def _run_sweep(args, base_url: str, extra_body: dict, workloads: list[list
         warm = synthetic_requests(args.warmup, args.input_len, workloads[0][0].output_len, args.seed + len(points))
         failed = [r.error for r in await warm_up(target, warm) if not r.ok]
         if len(failed) == args.warmup:
-            hint = "; try --no-fixed-length" if failed[0] == "400" and args.fixed_length else "; is the server up?"
-            raise GptOssError(f"every warm-up request to {target.url} failed ({failed[0]}){hint}")
+            hint = "try --no-fixed-length" if failed[0] == "400" and args.fixed_length else failure_hint(failed[0])
+            raise GptOssError(f"every warm-up request to {target.url} failed with {_describe(failed[0])}; {hint}")
     runs = [await run_load_point(target, p, w, args.progress) for p, w in zip(points, workloads)]
     config = {
         "base_url": base_url, "endpoint": args.endpoint, "model": model, "num_requests": args.num_requests,
@@ -113,11 +123,38 @@ async def _discover_model(base_url: str, api_key: str | None, timeout_s: float) 
 
     try:
         model = await fetch_first_model(base_url, api_key, timeout_s)
+    except httpx.HTTPStatusError as e:
+        status = str(e.response.status_code)
+        raise GptOssError(f"GET {base_url}/models answered {status}; {failure_hint(status)}") from None
     except httpx.HTTPError as e:
         raise GptOssError(f"cannot reach {base_url}/models ({type(e).__name__}); is the server up?") from None
     if model is None:
         raise GptOssError(f"{base_url}/models lists no model; pass --model")
     return model
+
+
+def _describe(error: str) -> str:
+    return f"status {error}" if error.isdigit() else error
+
+
+def failure_hint(error: str) -> str:
+    """What a failure most likely means: the status code, or the exception name of a
+    request that got no answer at all."""
+    hints = {
+        "401": "the server wants an API key: pass --api-key (or the right one)",
+        "403": "the server refused the API key: pass the right --api-key",
+        "404": "no such route or model: check --base-url, --endpoint and --model",
+        "413": "the prompts are larger than the server accepts: lower --input-len",
+        "429": "the server is at capacity: lower --concurrency",
+        "400": "the server rejected the requests: see its error message (try curl with one request)",
+    }
+    if error in hints:
+        return hints[error]
+    if error.isdigit():
+        return "see the server's log"
+    if error.startswith("stream_error"):
+        return "the server failed mid-stream: see its log"
+    return "is the server up?"
 
 
 def _workload(args, seed: int) -> list[BenchRequest]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gptoss_ray.config import HARMONY_STOP_TOKEN_IDS, EngineConfig, ModelConfig
+from gptoss_ray.config import HARMONY_STOP_TOKEN_IDS, EngineConfig, ModelConfig, check_max_model_len
 from gptoss_ray.engine.executor import Executor, InProcessExecutor
 from gptoss_ray.engine.kv_cache import KVCacheManager, plan_num_blocks, sliding_blocks_needed
 from gptoss_ray.engine.memory import kv_cache_bytes
@@ -40,6 +40,7 @@ def build_worker_config(config: EngineConfig) -> tuple[WorkerConfig, ModelConfig
 
     path = locate(config.model) if config.model else default_demo_checkpoint()
     model = ModelConfig.from_json_file(Path(path) / "config.json")
+    check_max_model_len(config, model)
     device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     bs = config.block_size

@@ -7,12 +7,16 @@ The API key comes from --api-key, --api-key-file or $GPTOSS_RAY_API_KEY (in that
 from __future__ import annotations
 
 import argparse
+import errno
+import ipaddress
 import logging
 import signal
+import socket
+import sys
 import threading
 
-from gptoss_ray.errors import ConfigError
-from gptoss_ray.serve.config import API_KEY_ENV, ServeConfig, serve_logging
+from gptoss_ray.errors import ConfigError, GptOssError
+from gptoss_ray.serve.config import API_KEY_ENV, DEFAULT_ENGINE_CLS, ServeConfig, serve_logging
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-replicas", type=int, default=1, help="model instances")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output (beyond the model's context only with "
+                        "GPTOSS_RAY_ALLOW_LONG_MAX_MODEL_LEN=1)")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="most sequences running at once")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None,
@@ -105,8 +111,52 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig.from_args(serve_args)
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """The HTTP address is usable and free, or a ConfigError saying why. Ray's proxy binds
+    with SO_REUSEPORT, so a second server on a taken port would start and share the
+    traffic with the first; this plain bind (no SO_REUSEPORT) fails instead."""
+    if host.replace(".", "").isdigit():  # dotted numbers: an IPv4 address or a typo, never a name to resolve
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"--host {host}: not a valid IPv4 address") from None
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError(f"--host {host}: not an address or a known host name") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are not a conflict
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is taken (another server listens there); "
+                                  "stop it or choose another --port") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {host}: not an address of this machine") from None
+            if e.errno == errno.EACCES:
+                raise ConfigError(f"port {port} needs privileges; choose one above 1023") from None
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def preflight(config: ServeConfig) -> None:
+    """What `serve` can find wrong in seconds, before Ray starts and a replica fails three
+    times with a long traceback: the listen address, the checkpoint (located and its
+    tensor shapes checked without loading them) and max_model_len against its context."""
+    check_listen_address(config.host, config.port)
+    if config.engine_cls != DEFAULT_ENGINE_CLS:  # another engine: its model field is its own business
+        return
+    from gptoss_ray.checkpoint import CheckpointReader, default_demo_checkpoint, locate
+    from gptoss_ray.config import check_max_model_len
+
+    path = locate(config.engine.model) if config.engine.model else default_demo_checkpoint()
+    check_max_model_len(config.engine, CheckpointReader(path).config)
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    preflight(config)
     import ray
     from ray import serve
 
@@ -115,18 +165,30 @@ def run(args: argparse.Namespace) -> int:
     init = {"include_dashboard": False}
     if args.num_cpus is not None:
         init["num_cpus"] = args.num_cpus
-    ray.init(**init)
+    print(f"gptoss-ray: starting Ray and loading '{config.model_name}' (Ctrl-C stops)", flush=True)
+    # Until the app serves, Ctrl-C raises KeyboardInterrupt here (Python's default handler),
+    # which stops Ray and with it a model still loading; afterwards it ends the wait below.
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    serving = False
     try:
+        ray.init(**init)
         serve.start(http_options={"host": config.host, "port": config.port}, logging_config=serve_logging(config))
-        serve.run(build_app(config), name="gptoss", route_prefix="/")
+        try:
+            serve.run(build_app(config), name="gptoss", route_prefix="/")
+        except RuntimeError as e:  # the replica failed to start; its traceback is in the log above
+            raise GptOssError(f"the model failed to start: {str(e).strip().splitlines()[0][:300]}") from None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        serving = True
         auth = "API key required" if config.api_key else "no API key"
         print(f"gptoss-ray: serving '{config.model_name}' at http://{config.host}:{config.port}/v1 ({auth}); "
               "Ctrl-C stops", flush=True)
         stop.wait()
+    except KeyboardInterrupt:
+        print("gptoss-ray: interrupted while starting; stopping", file=sys.stderr, flush=True)
+        raise
     finally:
-        serve.shutdown()
+        if serving:  # a graceful stop drains replicas; while loading there is nothing to drain
+            serve.shutdown()
         ray.shutdown()
     return 0

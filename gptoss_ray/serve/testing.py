@@ -142,6 +142,17 @@ class ScriptedEngine:
         return self._finished
 
 
+class SlowLoadingEngine(ScriptedEngine):
+    """A ScriptedEngine whose construction takes 10 minutes, like a large checkpoint loading:
+    for tests of what `serve` does while a model loads (Ctrl-C must not wait for it)."""
+
+    def __init__(self, config: EngineConfig):
+        import time
+
+        time.sleep(600)
+        super().__init__(config)
+
+
 def free_port() -> int:
     import socket
 

@@ -124,10 +124,10 @@ def fake(server):
     return server
 
 
-def bench(fake: FakeServer, tmp_path, *extra: str) -> dict:
+def bench(fake: FakeServer, tmp_path, *extra: str, rc: int = 0) -> dict:
     out = tmp_path / "out.json"
     argv = ["bench", "--base-url", fake.base_url, "--output", str(out), "--no-progress", *extra]
-    assert cli_main(argv) == 0
+    assert cli_main(argv) == rc
     return json.loads(out.read_text())
 
 
@@ -172,7 +172,8 @@ def test_failures_are_counted_by_status_code(fake, tmp_path):
 
 def test_error_event_inside_a_200_stream_is_a_failure(fake, tmp_path):
     fake.error_event_after = 2
-    report = bench(fake, tmp_path, "--num-requests", "3", "--output-len", "4", "--input-len", "3", "--warmup", "0")
+    report = bench(fake, tmp_path, "--num-requests", "3", "--output-len", "4", "--input-len", "3", "--warmup", "0",
+                   rc=1)  # nothing completed: a failure, not a result
     assert report["completed"] == 0 and report["errors_by_status"] == {"stream_error_500": 3}
     assert report["ttft_p50_ms"] is None and report["output_throughput_tok_s"] == 0
 
@@ -262,3 +263,39 @@ def test_bad_base_url_and_dead_server(capsys):
     assert "--base-url must look like http://HOST:PORT/v1" in capsys.readouterr().err
     assert cli_main(["bench", "--base-url", f"http://127.0.0.1:{free_port()}", "--warmup", "0"]) == 2
     assert "is the server up?" in capsys.readouterr().err
+
+
+def test_every_request_failing_names_the_status_and_exits_non_zero(fake, tmp_path, capsys):
+    fake.failures = [401]
+    argv = ["bench", "--base-url", fake.base_url, "--no-progress", "--num-requests", "4", "--output-len", "2",
+            "--input-len", "3", "--model", MODEL]
+    assert cli_main([*argv, "--warmup", "0", "--output", str(tmp_path / "out.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["gptoss-ray bench: error: every request failed (status 401 x4); the server wants an API key: "
+                   "pass --api-key (or the right one)"]
+    assert json.loads((tmp_path / "out.json").read_text())["errors"] == 4  # the report is still written
+    assert cli_main([*argv, "--warmup", "1"]) == 2  # the warm-up says it first
+    err = capsys.readouterr().err
+    assert "failed with status 401; the server wants an API key" in err and "is the server up" not in err
+
+
+def test_a_401_from_models_is_named(tmp_path, capsys):
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return JSONResponse({"error": {"message": "no key"}}, status_code=401)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        assert cli_main(["bench", "--base-url", f"http://127.0.0.1:{port}/v1", "--warmup", "0", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "answered 401; the server wants an API key" in err and "lists no model" not in err
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -102,3 +102,69 @@ def test_expert_unpacking_flag_is_auto_on_or_off(flags, expected):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert config_from_args(parser.parse_args(flags)).engine.dequantize_experts is expected
+
+
+def serve_cmd(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "gptoss_ray.cli", "serve", "--num-cpus", "2", *extra]
+
+
+def one_line_failure(cmd: list[str], env: dict | None = None) -> str:
+    """Run a serve that must fail before starting anything: non-zero, one line on stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "serving" not in out.stdout
+    return lines[0]
+
+
+def test_a_taken_port_is_one_line_and_non_zero():
+    """Ray's proxy binds with SO_REUSEPORT, so a second server on the same port used to start
+    and share the traffic: a listener with SO_REUSEPORT (as Ray's) must make serve refuse."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_failure(serve_cmd("--engine-cls", "gptoss_ray.serve.testing:ScriptedEngine",
+                                          "--port", str(port)))
+    assert f"port {port}" in line and "taken" in line
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "/nonexistent/checkpoint"], "no such directory"),
+    (["--model", "not a hub id"], "no such directory"),
+    (["--host", "256.1.1.1"], "not a valid IPv4 address"),
+    (["--host", "10.255.255.254"], "not an address of this machine"),
+    (["--max-model-len", "1000000"], "exceeds the model's context"),
+    (["--max-model-len", "999999999"], "less than or equal"),
+])
+def test_bad_model_host_or_length_is_one_line_before_deploying(args, words):
+    env = {k: v for k, v in os.environ.items() if k != "GPTOSS_RAY_ALLOW_LONG_MAX_MODEL_LEN"}
+    line = one_line_failure(serve_cmd("--port", str(free_port()), *args), env)
+    assert line.startswith("gptoss-ray serve: error:") and words in line, line
+
+
+def test_ctrl_c_while_the_model_loads_stops_promptly(tmp_path):
+    """The engine here takes 10 minutes to construct; SIGINT once Ray is deploying it must
+    end serve long before that (the bound below only catches a wait for the load)."""
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(serve_cmd("--engine-cls", "gptoss_ray.serve.testing:SlowLoadingEngine",
+                                      "--port", str(free_port())),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        end = time.monotonic() + 120  # bounds Ray's start only
+        while "loading" not in log.read_text() and time.monotonic() < end:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(8)  # Ray up, the replica constructing the engine
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)  # << the 600 s load
+        assert proc.returncode != 0 and "interrupted" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
