@@ -36,6 +36,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptoss_ray.harmony.encoding import stop_token_ids
+from gptoss_ray.harmony.grammar import responses_grammar
 from gptoss_ray.harmony.parse import Delta, HarmonyStreamParser
 from gptoss_ray.harmony.render import RenderError, render_chat
 from gptoss_ray.sampling_params import SamplingParams
@@ -45,6 +46,7 @@ from gptoss_ray.serve.responses_input import function_tools, to_messages
 from gptoss_ray.serve.responses_protocol import ResponsesRequest
 from gptoss_ray.serve.responses_store import ResponseStore, StoredResponse, StoreError, key_hash
 from gptoss_ray.serve.sampling import build_sampling_params, chat_logprobs
+from gptoss_ray.serve.structured import constrain
 
 logger = logging.getLogger(__name__)
 MAX_CHAIN = 10_000  # responses walked back through previous_response_id (a cycle guard, not a limit anyone meets)
@@ -112,17 +114,21 @@ def _normalize_input(req: ResponsesRequest) -> list[dict[str, Any]]:
     return items
 
 
-def _check_supported(req: ResponsesRequest) -> None:
-    """Features that need constrained decoding answer 400 until it lands (the seam: lift
-    these checks and pass the grammar to SamplingParams)."""
+def _check_tool_choice(req: ResponsesRequest) -> None:
+    """tool_choice: "auto" | "none" | "required" | {"type": "function", "name"}; the grammar
+    that enforces the last two is built by harmony.grammar.responses_grammar."""
     choice = req.tool_choice
-    if choice is not None and choice not in ("auto", "none"):
-        raise OpenAIError(400, "tool_choice 'required' and named tools need constrained decoding, which this server "
-                          "does not have yet; use 'auto' or 'none'", param="tool_choice")
+    if choice is None or choice in ("auto", "none", "required"):
+        return
+    if not isinstance(choice, dict) or choice.get("type") != "function":
+        kind = choice.get("type") if isinstance(choice, dict) else choice
+        raise OpenAIError(400, f"tool_choice {kind!r} is not supported (auto, none, required or "
+                          "{'type': 'function', 'name': ...})", param="tool_choice")
+
+
+def _text_format(req: ResponsesRequest) -> dict[str, Any] | None:
     fmt = req.text.format if req.text else None
-    if fmt is not None and fmt.type != "text":
-        raise OpenAIError(400, f"text.format '{fmt.type}' needs constrained decoding, which this server does not "
-                          "have yet; use 'text'", param="text.format")
+    return None if fmt is None else fmt.model_dump(by_alias=True, exclude_none=True)
 
 
 async def _chain(service: ResponsesService, previous_id: str | None, key: str) -> list[StoredResponse]:
@@ -323,7 +329,7 @@ def _response(req: ResponsesRequest, response_id: str, created: float, model: st
         "model": model, "output": [], "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
         "previous_response_id": req.previous_response_id, "reasoning": {"effort": effort, "summary": None},
         "store": stored, "temperature": 1.0 if req.temperature is None else req.temperature,
-        "text": {"format": {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
+        "text": {"format": _text_format(req) or {"type": "text"}}, "tool_choice": req.tool_choice or "auto",
         "tools": [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
                    "parameters": t["function"]["parameters"], "strict": t["function"]["strict"]}
                   for t in function_tools(req.tools)],
@@ -395,7 +401,7 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
     service = _service(request)
     ctx = service.ctx
     ctx.check_model(req.model)
-    _check_supported(req)
+    _check_tool_choice(req)
     key = _api_key(request)
     explicit_store = "store" in req.model_fields_set
     if req.store and explicit_store and not service.store.enabled:
@@ -422,6 +428,8 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
         prompt, _ = _render(req, history, items, start_date)
     top = (req.top_logprobs or 0) if req.wants_logprobs() else None
     params = _sampling(req, len(prompt), max_model_len, top)
+    params = await constrain(ctx, params, responses_grammar, _text_format(req), req.tools, req.tool_choice,
+                             param="text.format")
 
     response_id, created = _new_id("resp"), time.time()
     body = _response(req, response_id, created, ctx.model_name, "queued" if req.background else "in_progress", stored)

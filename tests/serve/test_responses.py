@@ -139,6 +139,22 @@ def test_sampling_knobs_reach_the_engine(client, app):
     assert (params["temperature"], params["top_p"], params["seed"], params["max_tokens"]) == (0.3, 0.9, 7, 50)
 
 
+@pytest.mark.parametrize("extra, needle", [
+    ({"tools": [WEATHER], "tool_choice": "required"}, "get_weather"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}}, "get_weather"),
+    ({"text": {"format": {"type": "json_schema", "name": "verdict", "strict": True, "schema": {
+        "type": "object", "properties": {"guilty": {"type": "boolean"}}, "required": ["guilty"]}}}}, "guilty"),
+])
+def test_forced_tools_and_json_schema_reach_the_engine_as_a_grammar(client, app, extra, needle):
+    r = client.responses.create(model=MODEL, input="hi", **extra)
+    grammar = debug(app, "prompts")[-1]["params"]["grammar"]
+    assert grammar and needle in grammar
+    if "text" in extra:
+        assert r.text.format.type == "json_schema" and r.text.format.name == "verdict"
+    plain = client.responses.create(model=MODEL, input="hi", tools=[{**WEATHER, "strict": False}])
+    assert debug(app, "prompts")[-1]["params"]["grammar"] is None and plain.status == "completed"
+
+
 def test_instructions_and_reasoning_effort_are_rendered(client, app):
     client.responses.create(model=MODEL, input="hi", instructions="Answer in French.", reasoning={"effort": "high"})
     prompt = decode(last_prompt(app))
@@ -248,9 +264,12 @@ def test_background_and_cancel(client, app):
     ({"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools[0].type", "web_search"),
     ({"input": "hi", "tools": [{"type": "mcp", "server_label": "x", "server_url": "http://x"}]}, 400,
      "tools[0].type", "mcp"),
-    ({"input": "hi", "tools": [WEATHER], "tool_choice": "required"}, 400, "tool_choice", "constrained"),
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, 400, "text.format",
-     "constrained"),
+    ({"input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice",
+     "nope"),
+    ({"input": "hi", "tool_choice": "required"}, 400, "tool_choice", "no function tools"),
+    ({"input": "hi", "tool_choice": {"type": "web_search"}}, 400, "tool_choice", "web_search"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"enum": list(range(5000))}}}},
+     400, "text.format.schema", ""),
     ({"input": [{"type": "input_image", "image_url": "x"}]}, 400, "input[0].type", "input_image"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
      "input[0].content[0]", "input_image"),
