@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gptoss_ray.harmony import guidance
@@ -90,9 +91,16 @@ class GrammarMasks:
 
 def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """logits [S, V] with the tokens each row's bitmask forbids set to -inf (rows [C] index S,
-    mask [C, W]). In place: the sampler owns its float32 logits."""
-    v = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
-    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).bool().reshape(mask.shape[0], -1)[:, :v]  # [C, V]
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    mask [C, W]). In place: the sampler owns its float32 logits. On a CPU the bits are
+    unpacked by numpy (one pass, no [C, V, 32] intermediate); on a GPU by shifts."""
+    c, v = mask.shape[0], logits.shape[1]
+    if mask.device.type == "cpu":
+        bits = np.unpackbits(mask.numpy().view(np.uint8), axis=-1, bitorder="little")  # [C, 32W] uint8
+        forbidden = torch.from_numpy(bits[:, :v]) == 0  # [C, V] bool
+    else:
+        shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
+        forbidden = ((mask.unsqueeze(-1) >> shifts) & 1).reshape(c, -1)[:, :v] == 0  # [C, V]
+    if c == logits.shape[0]:  # every row constrained (rows is then 0..S-1 in order): no gather / scatter
+        return logits.masked_fill_(forbidden, float("-inf"))
+    logits[rows] = logits[rows].masked_fill(forbidden, float("-inf"))
     return logits
