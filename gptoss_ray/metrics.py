@@ -24,17 +24,29 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+# Each endpoint names its requests with its own OpenAI id prefix; the label comes from it,
+# so the one place that observes request metrics (ServingContext.generate) needs no more.
+ENDPOINT_PREFIXES = (("chatcmpl-", "chat"), ("cmpl-", "completions"), ("resp_", "responses"))
+
+
+def endpoint_of(request_id: str) -> str:
+    return next((name for prefix, name in ENDPOINT_PREFIXES if request_id.startswith(prefix)), "other")
+
+
 class ServingMetrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
         self.model_name = model_name
         self.registry = registry or CollectorRegistry()
         r, m = self.registry, ["model_name"]
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", m, buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", m, buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", m, buckets=E2E_BUCKETS, registry=r)
+        # Request counters and latencies also carry `endpoint` (chat, completions, responses):
+        # vLLM's dashboards sum over labels they do not name, so they keep working.
+        e = m + ["endpoint"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", e, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", e, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", e, buckets=E2E_BUCKETS, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens processed.", m, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", m, registry=r)
-        self.request_success = Counter("vllm:request_success", "Finished requests by finish reason.", m + ["finished_reason"], registry=r)
+        self.request_success = Counter("vllm:request_success", "Finished requests by finish reason.", e + ["finished_reason"], registry=r)
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", m, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", m, registry=r)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).", m, registry=r)
@@ -45,7 +57,6 @@ class ServingMetrics:
         self.aborted = Counter("gptoss:requests_aborted", "Requests aborted mid-way (client gone, error).", m, registry=r)
         self.rejected = Counter("gptoss:requests_rejected", "Requests refused because the queue was full.", m, registry=r)
         self.expert_load = Gauge("gptoss:expert_load_tokens", "Tokens routed to each expert (cumulative).", m + ["layer", "expert"], registry=r)
-        self.endpoint_requests = Counter("gptoss:endpoint_requests", "Generation requests accepted, by endpoint.", m + ["endpoint"], registry=r)
         self.store_size = Gauge("gptoss:responses_store_size", "Responses held by the response store (read at scrape).", m, registry=r)
         self.store_errors = Counter("gptoss:responses_store_errors", "Response store queries that failed.", m, registry=r)
         self._last: dict[str, float] = {}  # last cumulative engine counters, to increment by the difference
@@ -55,22 +66,20 @@ class ServingMetrics:
 
     # --- per request ---------------------------------------------------------------
 
-    def observe_first_token(self, seconds: float) -> None:
-        self.labels(self.ttft).observe(seconds)
+    def observe_first_token(self, seconds: float, endpoint: str) -> None:
+        self.labels(self.ttft, endpoint=endpoint).observe(seconds)
 
-    def observe_tokens(self, num_tokens: int, seconds_since_last: float | None) -> None:
+    def observe_tokens(self, num_tokens: int, seconds_since_last: float | None, endpoint: str) -> None:
         self.labels(self.generation_tokens).inc(num_tokens)
         if seconds_since_last is not None and num_tokens > 0:
             for _ in range(num_tokens):  # a step that yields k tokens spreads its time over them
-                self.labels(self.itl).observe(seconds_since_last / num_tokens)
+                self.labels(self.itl, endpoint=endpoint).observe(seconds_since_last / num_tokens)
 
-    def observe_finished(self, finish_reason: str, seconds: float, num_prompt_tokens: int) -> None:
-        self.labels(self.request_success, finished_reason=finish_reason).inc()
-        self.labels(self.e2e).observe(seconds)
+    def observe_finished(self, finish_reason: str, seconds: float, num_prompt_tokens: int,
+                         endpoint: str) -> None:
+        self.labels(self.request_success, endpoint=endpoint, finished_reason=finish_reason).inc()
+        self.labels(self.e2e, endpoint=endpoint).observe(seconds)
         self.labels(self.prompt_tokens).inc(num_prompt_tokens)
-
-    def observe_endpoint_request(self, endpoint: str) -> None:
-        self.labels(self.endpoint_requests, endpoint=endpoint).inc()
 
     def observe_store_error(self) -> None:
         self.labels(self.store_errors).inc()

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptoss_ray.metrics import ServingMetrics
+from gptoss_ray.metrics import ServingMetrics, endpoint_of
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 from gptoss_ray.serve.config import ServeConfig
 from gptoss_ray.serve.errors import OpenAIError
@@ -171,7 +171,7 @@ class ServingContext:
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
         """The engine's deltas with metrics observed; engine errors raised; aborted if we stop early."""
         start = last = time.monotonic()
-        first = True
+        first, endpoint = True, endpoint_of(request_id)
         if not self.config.disable_log_requests:
             logger.info("request %s: %d prompt tokens, n=%d, max_tokens=%s, temperature=%s", request_id,
                         len(prompt), params.n, params.max_tokens, params.temperature)
@@ -181,13 +181,13 @@ class ServingContext:
                 now = time.monotonic()
                 if delta.token_ids:
                     if first:
-                        self.metrics.observe_first_token(now - start)
-                    self.metrics.observe_tokens(len(delta.token_ids), None if first else now - last)
+                        self.metrics.observe_first_token(now - start, endpoint)
+                    self.metrics.observe_tokens(len(delta.token_ids), None if first else now - last, endpoint)
                     first, last = False, now
                 if delta.finished:
                     finished.add(delta.index)
                     self.metrics.observe_finished(delta.finish_reason or "stop", now - start,
-                                                  delta.num_prompt_tokens if len(finished) == 1 else 0)
+                                                  delta.num_prompt_tokens if len(finished) == 1 else 0, endpoint)
                     if delta.finish_reason == "error":
                         # the engine's text (exception names, paths) is for the log, never the client
                         logger.error("engine error on %s: %s", request_id, delta.error)

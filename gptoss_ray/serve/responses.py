@@ -438,7 +438,6 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
         input_items=items, previous_response_id=req.previous_response_id, start_date=start_date,
         prompt_token_ids=prompt) if stored else None
     run = _Run(service, req, body, record, prompt, params, _Builder(top))
-    ctx.metrics.observe_endpoint_request("responses")
 
     admission = ctx.admit(1)  # 429 now, while a status can still be sent
     if req.background:

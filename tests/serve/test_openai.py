@@ -321,7 +321,7 @@ def test_metrics_move(client, app):
     after = raw(app, "GET", "/metrics").text
     n = script_len("default")
     assert metric(after, "vllm:generation_tokens_total") - metric(before, "vllm:generation_tokens_total") == n
-    stop = 'vllm:request_success_total{finished_reason="stop"'
+    stop = 'vllm:request_success_total{endpoint="chat",finished_reason="stop"'  # the endpoint label
     assert metric(after, stop) == metric(before, stop) + 1
     assert metric(after, "vllm:time_to_first_token_seconds_count") > metric(before, "vllm:time_to_first_token_seconds_count")
     assert metric(after, "vllm:prompt_tokens_total") > metric(before, "vllm:prompt_tokens_total")

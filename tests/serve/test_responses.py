@@ -302,9 +302,12 @@ def test_unknown_response_routes_are_404(app):
         assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
 
 
-def test_metrics_count_responses_and_the_store(app):
+def test_metrics_count_responses_and_the_store(app, client):
+    client.responses.create(model=MODEL, input="hi")
     text = httpx.get(app[0] + "/metrics", timeout=30).text
-    assert 'gptoss:endpoint_requests_total{endpoint="responses"' in text
+    for name in ("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:time_to_first_token_seconds_count"):
+        assert any(line.startswith(name) and 'endpoint="responses"' in line for line in text.splitlines()), name
     size = [line for line in text.splitlines() if line.startswith("gptoss:responses_store_size{")]
     assert size and float(size[0].split()[-1]) > 0
 
