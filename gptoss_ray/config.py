@@ -301,6 +301,14 @@ class EngineConfig(BaseModel):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement group strategy for the expert-parallel workers."
     )
+    rendezvous_host: str = Field(
+        "127.0.0.1", min_length=1,
+        description="Where rank 0's torch.distributed rendezvous store listens. Loopback (the default) keeps it "
+        "off the network: every rank of one instance runs on one node (PACK placement). An instance spread over "
+        "nodes needs an address the other nodes reach: an IP of the node rank 0 lands on, or 'node' for its "
+        "Ray node IP; its keys are then under a random per-group secret, and the port should be firewalled "
+        "to the cluster (the store itself has no authentication).",
+    )
     worker_num_cpus: float = Field(
         1.0, ge=0, description="Logical CPUs each worker actor asks Ray for (use a fraction on small CPU machines)."
     )

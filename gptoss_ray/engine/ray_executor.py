@@ -58,7 +58,7 @@ class RayExecutor(Executor):
                 ep_size=worker_config.ep_size, num_experts=model.num_local_experts,
                 device=worker_config.device, placement_strategy=engine_config.placement_strategy,
                 worker_num_cpus=engine_config.worker_num_cpus, step_timeout_s=engine_config.step_timeout_s,
-                use_compiled_graph=use_compiled_graph,
+                use_compiled_graph=use_compiled_graph, rendezvous_host=engine_config.rendezvous_host,
             ),
             EngineWorkerFactory(worker_config),
         )

@@ -20,7 +20,7 @@ from typing import Generic, Protocol, TypeVar
 import torch
 
 from gptoss_ray.parallel.dispatch import DispatchStats, ExpertParallelDispatcher, install_dispatcher
-from gptoss_ray.parallel.group import ProcessGroupHandle, RendezvousInfo
+from gptoss_ray.parallel.group import LOOPBACK, ProcessGroupHandle, RendezvousInfo
 from gptoss_ray.parallel.placement import ExpertPlacement
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ class RankActor:
         self.num_moe_layers = 0
         self._dispatcher: ExpertParallelDispatcher | None = None
 
-    def start_rendezvous(self) -> RendezvousInfo:
-        return self.group.start_rendezvous(self.world_size)
+    def start_rendezvous(self, host: str = LOOPBACK) -> RendezvousInfo:
+        return self.group.start_rendezvous(self.world_size, host)
 
     def setup(self, info: RendezvousInfo) -> int:
         """Join the process group, build the Worker, install the dispatcher; return the pid."""

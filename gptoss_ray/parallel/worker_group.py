@@ -64,6 +64,7 @@ class WorkerGroupConfig:
     worker_num_cpus: float = 1.0  # logical CPUs per actor (a fraction on small machines)
     step_timeout_s: float = 60.0  # a step not answered by then declares the group dead
     use_compiled_graph: bool = True  # False: one plain remote call per rank per step
+    rendezvous_host: str = "127.0.0.1"  # where rank 0's TCPStore listens (see group.py); "node" = its node IP
 
 
 @dataclass
@@ -94,6 +95,7 @@ class WorkerGroup:
         self._owns_pg = False
         self._steps_since_start = 0
         self._dag = None
+        self.rendezvous: tuple[str, int] | None = None
         # One thread steps (the engine loop), another may check health (Serve): starting,
         # stepping and tearing down never interleave.
         self._lock = threading.RLock()
@@ -122,7 +124,8 @@ class WorkerGroup:
             ).remote(r, cfg.ep_size, cfg.device, self.placement.range(r), self.worker_factory)
             for r, (index, bundle) in enumerate(bundles)
         ]
-        info = ray.get(self.actors[0].start_rendezvous.remote(), timeout=_START_TIMEOUT_S)
+        info = ray.get(self.actors[0].start_rendezvous.remote(cfg.rendezvous_host), timeout=_START_TIMEOUT_S)
+        self.rendezvous = (info.host, info.port)  # where rank 0's store listens (tests check it)
         self.pids = ray.get([a.setup.remote(info) for a in self.actors], timeout=_START_TIMEOUT_S)
         self._steps_since_start = 0
         if cfg.use_compiled_graph:

@@ -5,6 +5,7 @@ each rank holding only its experts. Recovery from a lost worker: test_parallel_f
 from __future__ import annotations
 
 import pytest
+from support.net import is_loopback, listening
 from support.parallel_helpers import generate, make_engine
 
 from gptoss_ray.config import PRESETS
@@ -24,6 +25,8 @@ def ep_runs(ray_cluster, tiny_moe_ckpt) -> dict[int, dict]:
         try:
             outputs, ranks = generate(engine)
             runs[ep_size] = dict(outputs=outputs, ranks=ranks, stats=engine.executor.stats(),
+                                 listening=listening(engine.executor.group.pids),
+                                 rendezvous=engine.executor.group.rendezvous,
                                  weight_bytes=engine.executor.weight_bytes(),
                                  expert_load=engine.stats()["expert_load"])
         finally:
@@ -67,3 +70,16 @@ def test_each_rank_holds_only_its_experts(tiny_moe_ckpt, ep_runs, ep_size):
         assert measured["shared"] == full["shared"]
         assert measured["expert"] == full["expert"] * owned // 15
     assert sum(m["expert"] for m in per_rank) == full["expert"]
+
+
+@pytest.mark.parametrize("ep_size", [2, 3, 4])
+def test_rendezvous_store_and_collectives_listen_on_loopback_only(ep_runs, ep_size):
+    """torch's TCPStore listens on every interface, unauthenticated, unless handed a bound
+    socket; gloo listens where the host name resolves. Rank 0's store must be on 127.0.0.1,
+    and each rank process's only other listener beyond loopback is Ray's own core-worker
+    port (one per Ray worker process, present in any actor: see the README's security
+    section for Ray's ports)."""
+    sockets, (host, port) = ep_runs[ep_size]["listening"], ep_runs[ep_size]["rendezvous"]
+    assert host == "127.0.0.1" and [(a, p) for _, a, p in sockets if p == port] == [(host, port)], sockets
+    outside = [pid for pid, addr, _ in sockets if not is_loopback(addr)]
+    assert len(outside) == len(set(outside)) <= ep_size, sockets  # at most Ray's one per process
