@@ -67,7 +67,9 @@ class ServeConfig(BaseModel):
     )
     responses_store: str | None = Field(
         None, description="Where /v1/responses keeps stored responses: sqlite:///PATH (default: "
-        "responses.sqlite3 under the cache directory), postgresql://USER:PASS@HOST/DB (shared by replicas), or none.")
+        "responses.sqlite3 under the cache directory), postgresql://USER:PASS@HOST/DB (shared by replicas), or none; "
+        "default: $GPTOSS_RAY_RESPONSES_STORE (read by each ingress replica, so a password in it never enters "
+        "the Serve config), else the SQLite file.")
     responses_ttl_s: float = Field(
         30 * 24 * 3600.0, gt=0, description="Stored responses expire (and are deleted) this many seconds after creation.")
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy.")

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 30 * 24 * 3600.0
+STORE_ENV = "GPTOSS_RAY_RESPONSES_STORE"  # where a Kubernetes Secret puts a Postgres URL (helm chart)
 PURGE_EVERY_S = 60.0
 
 
@@ -215,9 +216,10 @@ def default_store_url() -> str:
 
 
 def open_store(url: str | None) -> ResponseStore:
-    """The store for a `--responses-store` URL (None: the default SQLite file). Nothing
-    connects until the first query, so a down database never blocks startup."""
-    url = url or default_store_url()
+    """The store for a `--responses-store` URL (None: $GPTOSS_RAY_RESPONSES_STORE, read here in
+    the ingress replica so a password never travels in the Serve config; else the default
+    SQLite file). Nothing connects until the first query, so a down database never blocks startup."""
+    url = url or os.environ.get(STORE_ENV) or default_store_url()
     if url == "none":
         return NoStore()
     if url.startswith("sqlite:///"):

@@ -100,6 +100,26 @@ def test_existing_secrets_and_emptydir_cache():
     assert env["GPTOSS_RAY_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "my-key"
 
 
+def _app_args_and_envs(kinds: dict) -> tuple[dict, list[dict]]:
+    spec = kinds["RayService"]["spec"]
+    args = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]
+    cluster = spec["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    return args, [{e["name"]: e for e in pod["containers"][0]["env"]} for pod in pods]
+
+
+def test_responses_store_from_a_postgres_secret():
+    args, envs = _app_args_and_envs(render("--set", "responses.postgres.existingSecret=pg-conn",
+                                           "--set", "responses.ttlSeconds=3600"))
+    for env in envs:  # every pod: the ingress replicas run on the workers
+        assert env["GPTOSS_RAY_RESPONSES_STORE"]["valueFrom"]["secretKeyRef"] == {"name": "pg-conn", "key": "url"}
+    assert "responses_store" not in args and args["responses_ttl_s"] == 3600  # the URL stays in the Secret
+    assert ServeConfig.from_args(args).responses_ttl_s == 3600
+    args, envs = _app_args_and_envs(render("--set", "responses.store=none"))
+    assert args["responses_store"] == "none" and all("GPTOSS_RAY_RESPONSES_STORE" not in env for env in envs)
+    ServeConfig.from_args(args)
+
+
 def test_two_replicas_per_pod_halve_the_pods():
     kinds = render("--set", "worker.gpus=4", "--set", "engine.epSize=2", "--set", "autoscaling.maxReplicas=3")
     (group,) = kinds["RayService"]["spec"]["rayClusterConfig"]["workerGroupSpecs"]

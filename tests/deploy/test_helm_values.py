@@ -99,8 +99,12 @@ def test_preset_is_consistent(defaults, preset):
         ({"engine": {"ep_size": 2}}, "engine: Additional properties"),
         ({"model": {"name": ""}}, "model/name"),
         ({"rayVersion": "latest"}, "rayVersion"),
+        ({"responses": {"store": "mysql://db"}}, "responses/store"),
+        ({"responses": {"ttlSeconds": 0}}, "responses/ttlSeconds"),
+        ({"responses": {"postgres": {"secret": "pg"}}}, "responses/postgres: Additional properties"),
     ],
-    ids=["ep0", "ep-string", "no-gpu-count", "gpu0", "kv0", "unbounded-queue", "dtype", "snake-case-typo", "no-model", "ray-version"],
+    ids=["ep0", "ep-string", "no-gpu-count", "gpu0", "kv0", "unbounded-queue", "dtype", "snake-case-typo", "no-model",
+         "ray-version", "responses-store-url", "responses-ttl0", "responses-pg-typo"],
 )
 def test_schema_rejects_bad_values(validator, defaults, override, where):
     errors = _errors(validator, helm_merge(defaults, override))

@@ -153,3 +153,16 @@ def test_two_apps_share_one_postgres(pg_url):
             a.responses.retrieve(first.id)
         with pytest.raises(openai.NotFoundError):
             a.responses.retrieve(second.id, extra_headers={"Authorization": "Bearer other"})
+
+
+def test_store_url_from_the_environment(monkeypatch, tmp_path):
+    """The helm chart hands a Postgres URL over as $GPTOSS_RAY_RESPONSES_STORE; an explicit URL wins."""
+    from gptoss_ray.serve.responses_store import NoStore, PostgresStore, SQLiteStore
+
+    monkeypatch.setenv("GPTOSS_RAY_RESPONSES_STORE", "postgresql://u:p@db:5432/x")
+    assert isinstance(open_store(None), PostgresStore)
+    assert isinstance(open_store("none"), NoStore)
+    monkeypatch.delenv("GPTOSS_RAY_RESPONSES_STORE")
+    monkeypatch.setenv("GPTOSS_RAY_CACHE", str(tmp_path))
+    default = open_store(None)
+    assert isinstance(default, SQLiteStore) and default.path == tmp_path / "responses.sqlite3"

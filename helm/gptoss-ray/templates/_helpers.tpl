@@ -61,6 +61,13 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $_ := set $args "max_model_len" (int $e.maxModelLen) -}}
 {{- end -}}
 {{- $_ := set $args "max_queued_requests" (int .Values.serve.maxQueuedRequests) -}}
+{{- $r := .Values.responses | default dict -}}
+{{- with $r.ttlSeconds -}}
+{{- $_ := set $args "responses_ttl_s" (int .) -}}
+{{- end -}}
+{{- if and $r.store (not ($r.postgres | default dict).existingSecret) -}}
+{{- $_ := set $args "responses_store" $r.store -}}
+{{- end -}}
 {{- toYaml (merge $args ($e.extra | default dict)) -}}
 {{- end -}}
 
@@ -126,6 +133,15 @@ applications:
       key: api-key
 - name: HF_HOME
   value: {{ printf "%s/huggingface" .Values.model.cache.mountPath }}
+{{- with ((.Values.responses | default dict).postgres | default dict) }}
+{{- if .existingSecret }}
+- name: GPTOSS_RAY_RESPONSES_STORE
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .key | default "url" }}
+{{- end }}
+{{- end }}
 {{- with .Values.model.hfTokenSecret }}
 - name: HF_TOKEN
   valueFrom:
