@@ -30,4 +30,16 @@ fi
 python -m pip install -q -e ".[test]"
 # Optional: a helm binary for the chart's lint/render tests (skipped without one).
 bash deploy/fetch_helm.sh >/dev/null 2>&1 || echo "setup: no helm binary; the helm render tests will skip"
+# Optional: PostgreSQL (Debian's package) for the shared Responses store tests, which
+# start their own throwaway server; skipped where apt-get (or root/sudo) is not available.
+if ! command -v pg_ctl >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then SUDO="sudo -n"; fi
+  if command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql; } \
+      >/dev/null 2>&1 || echo "setup: could not install postgresql; the Postgres store tests will skip"
+  else
+    echo "setup: no postgresql (and no apt-get with root); the Postgres store tests will skip"
+  fi
+fi
 echo "setup: ready ($(python -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")'))"
