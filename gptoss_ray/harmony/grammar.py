@@ -10,8 +10,9 @@ The grammar covers the assistant turn *after* the rendered prompt (which ends wi
     answer (tool_choice required / named): one of, per allowed function NAME,
               <|channel|>commentary to=functions.NAME <|constrain|>json<|message|> ARGS <|call|>
               (or harmony's rendered order, ` to=functions.NAME<|channel|>commentary ...`)
-    answer (strict tools under tool_choice auto):
-              a free final answer, or a call whose ARGS match the tool's schema when it is strict
+    answer (tool_choice auto with strict tools, or with tools and response_format):
+              a final answer (free text, or the JSON when response_format asks), or a call
+              whose ARGS match the tool's schema when it is strict (free text otherwise)
 
 REASONING is free text bounded by a token budget (`max_reasoning_tokens`, default half of
 max_tokens): when the budget runs out the grammar allows nothing but `<|end|>`, so the
@@ -174,12 +175,13 @@ def tool_call_grammar(tools: Sequence[tuple[str, dict[str, Any]]], budget: int) 
     return "\n".join(_head(budget) + ["answer: " + " | ".join(names)] + rules) + "\n"
 
 
-def strict_auto_grammar(tools: Sequence[tuple[str, dict[str, Any] | None]], budget: int) -> str:
+def strict_auto_grammar(tools: Sequence[tuple[str, dict[str, Any] | None]], budget: int,
+                        final_schema: dict[str, Any] | None = None) -> str:
+    """tool_choice auto: a final answer (free text, or JSON when response_format asks) or a call."""
     names, rules = _calls(tools)
-    head = _head(budget)
-    return "\n".join(head + ["answer: final | " + " | ".join(names),
-                             'final: <|channel|> "final" <|message|> final_text <|return|>',
-                             "final_text: /(.|\\n)*/"] + rules) + "\n"
+    final = _final_json(final_schema) if final_schema is not None else [
+        'final: <|channel|> "final" <|message|> final_text <|return|>', "final_text: /(.|\\n)*/"]
+    return "\n".join(_head(budget) + ["answer: final | " + " | ".join(names)] + final + rules) + "\n"
 
 
 def completion_grammar(response_format: Mapping[str, Any] | None, max_string_length: int | None = None) -> str | None:
@@ -228,7 +230,7 @@ def _choice_name(tool_choice: Any, flat: bool) -> str | None:
 
 
 def _tool_grammar(functions: list[dict[str, Any]], tool_choice: Any, budget: int, max_string_length: int | None,
-                  flat: bool) -> str | None:
+                  flat: bool, final_schema: dict[str, Any] | None) -> str | None:
     def schema(i: int, fn: Mapping[str, Any]) -> dict[str, Any]:
         params = fn.get("parameters")
         return prepare_schema(params if params is not None else {"type": "object"},
@@ -248,9 +250,12 @@ def _tool_grammar(functions: list[dict[str, Any]], tool_choice: Any, budget: int
         else:
             chosen = list(enumerate(functions))
         return tool_call_grammar([(fn["name"], schema(i, fn)) for i, fn in chosen], budget)
-    if tool_choice in (None, "auto") and any(fn.get("strict") for fn in functions):
+    if not functions:
+        return None if final_schema is None else json_answer_grammar(final_schema, budget)
+    if final_schema is not None or any(fn.get("strict") for fn in functions):
         return strict_auto_grammar(
-            [(fn["name"], schema(i, fn) if fn.get("strict") else None) for i, fn in enumerate(functions)], budget)
+            [(fn["name"], schema(i, fn) if fn.get("strict") else None) for i, fn in enumerate(functions)], budget,
+            final_schema)
     return None
 
 
@@ -265,16 +270,14 @@ def chat_grammar(response_format: Mapping[str, Any] | None, tools: Sequence[Mapp
                  tool_choice: Any, max_tokens: int | None, max_reasoning_tokens: int | None = None,
                  max_string_length: int | None = None) -> str | None:
     """The grammar of a chat completion request (plain dicts, as the pydantic models dump),
-    or None when it needs none. A forced or strict tool call wins over response_format,
-    which then shapes the final answer of turns that do not call (as OpenAI does)."""
+    or None when it needs none. A forced tool call wins over response_format; under
+    tool_choice auto the model may call (arguments checked when the tool is strict) or
+    answer, and response_format shapes that final answer (as OpenAI does)."""
     functions = _functions(tools, flat=False) if tool_choice != "none" else []
     _check_names(functions, "tools")
     budget = reasoning_budget(max_tokens, max_reasoning_tokens)
-    grammar = _tool_grammar(functions, tool_choice, budget, max_string_length, flat=False)
-    if grammar is not None:
-        return grammar
     schema = _format_schema(response_format, "response_format", max_string_length)
-    return None if schema is None else json_answer_grammar(schema, budget)
+    return _tool_grammar(functions, tool_choice, budget, max_string_length, False, schema)
 
 
 def responses_grammar(text_format: Mapping[str, Any] | None, tools: Sequence[Mapping[str, Any]] | None,
@@ -286,8 +289,5 @@ def responses_grammar(text_format: Mapping[str, Any] | None, tools: Sequence[Map
     functions = _functions(tools, flat=True) if tool_choice != "none" else []
     _check_names(functions, "tools")
     budget = reasoning_budget(max_output_tokens, max_reasoning_tokens)
-    grammar = _tool_grammar(functions, tool_choice, budget, max_string_length, flat=True)
-    if grammar is not None:
-        return grammar
     schema = _format_schema(text_format, "text.format", max_string_length, flat=True)
-    return None if schema is None else json_answer_grammar(schema, budget)
+    return _tool_grammar(functions, tool_choice, budget, max_string_length, True, schema)
