@@ -13,9 +13,16 @@ import torch
 
 
 def store_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    skip_negative: bool = True,
 ) -> None:
-    """Write k, v [T, Hkv, D] into the caches [NB, BS, Hkv, D] at flat slots [T] (-1 = skip)."""
+    """Write k, v [T, Hkv, D] into the caches [NB, BS, Hkv, D] at flat slots [T] (-1 = skip).
+    With skip_negative=False the caller promises every slot is >= 0: two index_copy_ and
+    no boolean mask (whose data-dependent shape is a device sync)."""
+    if not skip_negative:
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)

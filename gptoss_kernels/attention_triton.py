@@ -187,10 +187,14 @@ def paged_attention_triton(
     sm_scale: float,
     window: int | None = None,
     num_splits: int | None = None,
+    schedules: dict | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D], caches [NB, BS, Hkv, D], block_tables [B, MB], cu_seqlens_q [B+1],
     context_lens [B], sinks [Hq] -> [T, Hq, D] (q.dtype); see paged_attention_ref.
-    num_splits: key-range splits per tile (None = chosen from the GPU's size; 1 on CPU)."""
+    num_splits: key-range splits per tile (None = chosen from the GPU's size; 1 on CPU).
+    schedules: a dict kept for one step (AttentionMetadata.schedules): the tile schedule
+    depends only on cu_seqlens_q, so every layer after the first reuses it (~15 fewer ops
+    per layer)."""
     num_tokens, num_q_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -204,7 +208,10 @@ def paged_attention_triton(
     num_seqs = context_lens.shape[0]
     group_pad = triton.next_power_of_2(group)
     block_q, block_n = _tile_shape(num_tokens, num_seqs, group_pad)
-    tiles = tile_schedule(cu_seqlens_q, num_tokens, block_q)
+    if schedules is None:
+        tiles = tile_schedule(cu_seqlens_q, num_tokens, block_q)
+    elif (tiles := schedules.get(("attention", block_q))) is None:
+        tiles = schedules[("attention", block_q)] = tile_schedule(cu_seqlens_q, num_tokens, block_q)
     # Real tiles: about one per sequence plus one per BQ tokens (the schedule's bound).
     splits = num_splits or _num_splits(q, num_seqs + num_tokens // block_q, num_kv_heads)
     block_d = max(16, triton.next_power_of_2(head_dim))

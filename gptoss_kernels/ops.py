@@ -33,7 +33,9 @@ def moe_experts(x, expert_ids, weights, w: ExpertWeights, alpha: float = 1.702, 
     return moe_experts_ref(x, expert_ids, weights, w, alpha, limit)
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window=None):
+def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window=None,
+                    schedules: dict | None = None):
+    """schedules: per-step memo the Triton path keeps its tile schedule in (one per step, not per layer)."""
     if q.shape[0] == 0:
         # A step with no tokens on this rank (an expert-parallel rank that still joins every
         # MoE all-to-all): nothing to attend, and neither kernel takes an empty batch.
@@ -42,6 +44,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
         from gptoss_kernels.attention_triton import paged_attention_triton
 
         return paged_attention_triton(
-            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window
+            q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window,
+            schedules=schedules,
         )
     return paged_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window)

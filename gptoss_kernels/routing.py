@@ -26,9 +26,8 @@ def topk_softmax(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     router_logits [T, E] -> (topk_ids [T, K] int64, topk_weights [T, K] float32).
     The softmax runs in float32 so bf16 logits route exactly like the float32 model.
     """
-    values, ids = torch.topk(router_logits, k, dim=-1, sorted=True)  # [T, K]
-    weights = torch.softmax(values.float(), dim=-1)
-    return ids.to(torch.int64), weights
+    values, ids = torch.topk(router_logits, k, dim=-1, sorted=True)  # [T, K] (ids are int64)
+    return ids, torch.softmax(values, dim=-1, dtype=torch.float32)  # upcast inside the softmax: one op
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,14 @@ query and kv heads, D head dim, NB blocks, BS tokens per block, MB blocks per se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from gptoss_kernels.ops import paged_attention, store_kv
 from gptoss_ray.config import ModelConfig
-from gptoss_ray.model.rope import RotaryEmbedding
+from gptoss_ray.model.rope import rotate
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -28,6 +28,12 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B] int32: KV length of seq b after this step (cached + new)
     slot_mapping: dict[str, torch.Tensor]  # layer type -> [T] int64 flat slot to write; -1 = skip
     block_tables: dict[str, torch.Tensor]  # layer type -> [B, MB] int32 physical block ids; -1 = none
+    # True when no slot is -1 (decode steps: a sequence's current block always exists), so
+    # the KV write needs no mask: no data-dependent shape, nothing to sync on in a CUDA graph.
+    all_slots_valid: bool = False
+    # Derived once per step by the first layer that needs it (the Triton attention's tile
+    # schedule depends only on cu_seqlens_q); the other layers reuse it.
+    schedules: dict = field(default_factory=dict)
 
 
 def allocate_kv_cache(
@@ -70,24 +76,37 @@ class Attention(nn.Module):
         self.window = c.sliding_window if layer_type == "sliding_attention" else None
         self.sm_scale = c.head_dim**-0.5
         kw = dict(bias=c.attention_bias, dtype=dtype, device=device)
-        self.q_proj = nn.Linear(c.hidden_size, self.num_heads * self.head_dim, **kw)
-        self.k_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, **kw)
-        self.v_proj = nn.Linear(c.hidden_size, self.num_kv_heads * self.head_dim, **kw)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, c.hidden_size, **kw)
+        # q, k and v as one GEMM: the checkpoint's q_proj / k_proj / v_proj are row ranges of
+        # qkv_proj (see `qkv_rows`; the loader copies each into its range).
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(c.hidden_size, q_dim + 2 * kv_dim, **kw)
+        self.o_proj = nn.Linear(q_dim, c.hidden_size, **kw)
         self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=dtype, device=device))
-        self.rope = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.register_buffer("sinks_f32", torch.empty(self.num_heads, dtype=torch.float32, device=device),
+                             persistent=False)  # the kernels' dtype; refreshed by `finish_loading`
+
+    def qkv_rows(self, proj: str) -> tuple[int, int]:
+        """(first row, rows) of checkpoint tensor `proj` (q_proj, k_proj, v_proj) in qkv_proj."""
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (0, q_dim), "k_proj": (q_dim, kv_dim), "v_proj": (q_dim + kv_dim, kv_dim)}[proj]
+
+    def finish_loading(self) -> None:
+        self.sinks_f32.copy_(self.sinks.detach().float())
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.rope(self.q_proj(x).view(t, self.num_heads, self.head_dim), positions)  # [T, Hq, D]
-        k = self.rope(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), positions)  # [T, Hkv, D]
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        """x [T, H], rope: the step's (cos, sin) rows from RotaryEmbedding.lookup -> [T, H]."""
+        t, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        qk = rotate(qkv[:, : (hq + hkv) * d].view(t, hq + hkv, d), *rope)  # q and k heads rotated together
+        q, k = qk[:, :hq], qk[:, hq:]  # [T, Hq, D], [T, Hkv, D]
+        v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, attn.slot_mapping[self.layer_type])
+        store_kv(k, v, k_cache, v_cache, attn.slot_mapping[self.layer_type], skip_negative=not attn.all_slots_valid)
         out = paged_attention(
             q, k_cache, v_cache, attn.block_tables[self.layer_type], attn.cu_seqlens_q, attn.context_lens,
-            self.sinks.float(), self.sm_scale, self.window,
+            self.sinks_f32, self.sm_scale, self.window, schedules=attn.schedules,
         )
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(t, hq * d))

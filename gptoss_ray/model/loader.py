@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ _EXPERT_TENSORS = {
     "gate_up_proj": ("gate_up_weight", True),
     "down_proj": ("down_weight", True),
 }
+
+_QKV = re.compile(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(weight|bias)")
 
 
 def load_model(
@@ -49,13 +52,17 @@ def load_model(
             value = reader.get_experts(name, experts.start, experts.stop)
             if transposed:
                 value = value.transpose(1, 2)
+        elif (fused := _QKV.fullmatch(name)) is not None:  # a row range of the fused qkv_proj
+            layer, proj, leaf = fused.groups()
+            attn = model.model.layers[int(layer)].self_attn
+            target = getattr(attn.qkv_proj, leaf).narrow(0, *attn.qkv_rows(proj))
+            value = reader.get(name)
         else:
             target = targets[name]
             value = reader.get(name)
         with torch.no_grad():
             target.copy_(value)
-    for moe in model.moe_layers():  # not in the checkpoint: to_empty left it uninitialized
-        moe.expert_counts.zero_()
+    model.finish_loading()  # what is not in the checkpoint (to_empty left it uninitialized)
     model.eval()
     logger.info("loaded %s (experts %d..%d) on %s in %s", reader.path, experts.start, experts.stop - 1, device, dtype)
     return model

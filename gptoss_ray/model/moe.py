@@ -97,10 +97,14 @@ class MoE(nn.Module):
         self.register_buffer(
             "expert_counts", torch.zeros(config.num_local_experts, dtype=torch.int64, device=device), persistent=False
         )
+        self.register_buffer("_one", torch.ones((), dtype=torch.int64, device=device), persistent=False)
+
+    def finish_loading(self) -> None:
+        self.expert_counts.zero_()
+        self._one.fill_(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_ids, topk_weights = topk_softmax(self.router(x), self.top_k)  # [T, K]: softmax over the chosen K only
-        if self.record_expert_load:  # scatter_add, not bincount: no device sync
-            ids = topk_ids.reshape(-1)
-            self.expert_counts.scatter_add_(0, ids, torch.ones_like(ids))
+        if self.record_expert_load:  # an accumulating index_put, not bincount: no device sync, one op
+            self.expert_counts.index_put_((topk_ids.reshape(-1),), self._one, accumulate=True)
         return self.dispatcher(x, topk_ids, topk_weights.to(x.dtype), self.experts)

@@ -35,17 +35,38 @@ def inv_freq_and_scale(head_dim: int, theta: float, yarn: YarnScaling | None) ->
 
 
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, theta: float, yarn: YarnScaling | None):
-        super().__init__()
-        # a plain attribute, not a buffer: it survives building the model on the meta device
-        self.inv_freq, self.scale = inv_freq_and_scale(head_dim, theta, yarn)
+    """cos/sin for every position up to max_positions, computed once per model (not per
+    layer per step, as vLLM's cos_sin_cache): a decode step looks its rows up once and
+    every layer rotates q and k with three ops.
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, D] rotated by positions [T] (first half / second half pairing)."""
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        cos = (freqs.cos() * self.scale)[:, None, :].to(x.dtype)
-        sin = (freqs.sin() * self.scale)[:, None, :].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    The table is a plain attribute built on first use for the device and dtype asked for
+    (not a buffer: the model is built on the meta device and loaded after). Row p holds
+    [cos, cos, -sin, sin] (each D/2) scaled by the YaRN concentration and rounded once to
+    the activation dtype, as the per-step computation rounded them; so that
+    x * [cos, cos] + [x2, x1] * [-sin, sin] is the first-half / second-half rotation."""
+
+    def __init__(self, head_dim: int, theta: float, yarn: YarnScaling | None, max_positions: int):
+        super().__init__()
+        self.inv_freq, self.scale = inv_freq_and_scale(head_dim, theta, yarn)
+        self.max_positions = max_positions
+        self._table: torch.Tensor | None = None  # [P, 2D] in the activation dtype
+
+    def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        t = self._table
+        if t is None or t.device != device or t.dtype != dtype:
+            freqs = torch.arange(self.max_positions, dtype=torch.float32)[:, None] * self.inv_freq[None, :]  # [P, D/2]
+            cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+            t = self._table = torch.cat((cos, cos, -sin, sin), dim=-1).to(device=device, dtype=dtype)
+        return t
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin) [T, 1, D] each, for `rotate`: one gather per step."""
+        rows = self.table(positions.device, dtype)[positions]  # [T, 2D]
+        cos, sin = rows[:, None, :].chunk(2, dim=-1)
+        return cos, sin
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] rotated (first half / second half pairing) by RotaryEmbedding.lookup's rows."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((x2, x1), dim=-1), sin)

@@ -106,7 +106,7 @@ def test_bfloat16_tracks_float32(tiny_ckpt):
     ids = _prompt(7, 16)
     f32 = torch.log_softmax(full_logits(load_model(tiny_ckpt), ids), -1)
     bf16_model = load_model(tiny_ckpt, dtype=torch.bfloat16)
-    assert bf16_model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert bf16_model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
     bf16 = torch.log_softmax(full_logits(bf16_model, ids), -1)
     agree = (f32.argmax(-1) == bf16.argmax(-1)).float().mean()
     assert agree >= 0.75
