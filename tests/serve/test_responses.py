@@ -254,6 +254,16 @@ def test_background_and_cancel(client, app):
     assert client.responses.retrieve(slow.id).status == "cancelled"
 
 
+def test_engine_failure_is_an_error_event_then_failed(client):
+    events = list(client.responses.create(model=MODEL, input="x [[script:error]]", stream=True))
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-2].code == "engine_error" and events[-1].response.error.code == "engine_error"
+    assert client.responses.retrieve(events[-1].response.id).status == "failed"
+    with pytest.raises(openai.InternalServerError) as e:
+        client.responses.create(model=MODEL, input="x [[script:error]]")
+    assert e.value.code == "engine_error"
+
+
 # --- bad input: OpenAI's envelope, 4xx, the parameter named -------------------------------
 
 

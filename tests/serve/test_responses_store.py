@@ -71,6 +71,38 @@ def test_bad_store_url_is_a_config_error():
         ServeConfig.from_args({"responses_store": "mysql://x"})
 
 
+def _in_process(**serve_args):
+    import httpx
+
+    from gptoss_ray.metrics import ServingMetrics
+    from gptoss_ray.serve.config import ServeConfig
+    from gptoss_ray.serve.engine_client import LocalClient, ServingContext
+    from gptoss_ray.serve.ingress import build_api
+    from gptoss_ray.serve.llm_server import LLMServer
+
+    config = ServeConfig(engine_cls=SCRIPTED, served_model_name=MODEL, **serve_args)
+    server = LLMServer(config.engine.model_dump(), config.engine_cls)
+    app = build_api(ServingContext(config, LocalClient(server), ServingMetrics(MODEL)))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def test_store_none_stores_nothing():
+    async def run():
+        async with _in_process(responses_store="none") as c:
+            plain = await c.post("/v1/responses", json={"model": MODEL, "input": "hi"})
+            explicit = await c.post("/v1/responses", json={"model": MODEL, "input": "hi", "store": True})
+            chained = await c.post("/v1/responses", json={"model": MODEL, "input": "hi",
+                                                          "previous_response_id": plain.json()["id"]})
+            fetched = await c.get(f"/v1/responses/{plain.json()['id']}")
+            return plain, explicit, chained, fetched
+
+    plain, explicit, chained, fetched = asyncio.run(run())
+    assert plain.status_code == 200 and plain.json()["store"] is False
+    assert explicit.status_code == 400 and explicit.json()["error"]["param"] == "store"
+    assert chained.status_code == 404 and chained.json()["error"]["param"] == "previous_response_id"
+    assert fetched.status_code == 404
+
+
 def test_unreachable_database_is_a_503():
     """A store that cannot be reached: 503 with Retry-After, counted in /metrics; never a 500."""
     import httpx
