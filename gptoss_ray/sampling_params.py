@@ -49,6 +49,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # return the sampled token's logprob plus this many top ones
+    # vLLM's prompt_logprobs: each prompt token's logprob given the tokens before it, plus
+    # this many top ones (computed in the prefill; such a prompt skips the prefix cache)
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: [-100, 100])
     # Constrained decoding: an llguidance Lark grammar the output must match (built from the
@@ -80,6 +83,9 @@ class SamplingParams:
             ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= MAX_TOKENS,
              f"must be an integer in [0, {MAX_TOKENS}]"),
             ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"must be an integer between 0 and {MAX_LOGPROBS}"),
+            ("prompt_logprobs", self.prompt_logprobs is None
+             or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"must be an integer between 0 and {MAX_LOGPROBS}"),
             ("seed", self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
              "must be a 64-bit signed integer"),
@@ -123,6 +129,9 @@ class TokenDelta:
     error: str | None = None  # set with finish_reason "error"
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # with a sample's first delta when prompt_logprobs was asked for: one entry per prompt
+    # token (token id -> logprob, that token always included), None for the first token
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -106,6 +106,8 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._validate(request_id, prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params, children_spawned=params.n == 1)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(prompt_token_ids)
         self.requests[request_id] = req
         self._add_seq(req, 0)
 
@@ -118,7 +120,7 @@ class LLMEngine:
                        stop_ids=frozenset(p.stop_token_ids) | eos,
                        max_output_tokens=min(p.max_tokens or self.max_model_len, self.max_model_len - num_prompt),
                        spawn_pending=index == 0 and p.n > 1)
-        seq.fast_path = not (p.stop or seq.logprobs is not None or seq.spawn_pending)
+        seq.fast_path = not (p.stop or seq.logprobs is not None or seq.spawn_pending or p.prompt_logprobs is not None)
         req.seqs.append(seq)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq, front=index > 0)  # later samples of an old request go first
@@ -225,6 +227,12 @@ class LLMEngine:
             self.expert_load = [[sum(col) for col in zip(*layers)] for layers in zip(*loads)]
         deltas = []
         for result in results:
+            for chunk in result.prompt_logprobs:  # before the tokens: a first token's delta carries them
+                seq = self.seqs.get(chunk.seq_id)
+                if seq is not None:
+                    lps = self.requests[seq.request_id].prompt_logprobs
+                    lps[chunk.start : chunk.start + len(chunk.logprobs)] = chunk.logprobs
+        for result in results:
             for seq_id, token, lp in zip(result.seq_ids, result.token_ids, result.logprobs):
                 seq = self.seqs.get(seq_id)
                 if seq is None:  # aborted since it was scheduled
@@ -250,7 +258,7 @@ class LLMEngine:
         req = self.requests[seq.request_id]
         if seq.spawn_pending:  # sample 0's prompt is in the cache now: start the others
             seq.spawn_pending = False
-            seq.fast_path = not seq.params.stop and seq.logprobs is None
+            seq.fast_path = not seq.params.stop and seq.logprobs is None and seq.params.prompt_logprobs is None
             req.children_spawned = True
             for index in range(req.params.n - 1, 0, -1):
                 self._add_seq(req, index, rank_hint=seq.rank)
@@ -263,6 +271,7 @@ class LLMEngine:
             logprobs=seq.logprobs[start:visible] if seq.logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+            prompt_logprobs=req.prompt_logprobs if start == 0 else None,  # with the first delta sent
         )
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)

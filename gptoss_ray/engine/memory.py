@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from gptoss_ray.config import EngineConfig, ModelConfig
+from gptoss_ray.engine.sampler import PROMPT_LOGPROB_ROWS
 from gptoss_ray.errors import ConfigError
 
 DEFAULT_KV_CACHE_GB = 1.0
-PROMPT_LOGPROB_ROWS = 256  # prompt positions whose [rows, V] log-softmax is held at once
 
 
 def kv_cache_bytes(config: EngineConfig, path: str | Path, model: ModelConfig, device: str, dtype: str) -> int:

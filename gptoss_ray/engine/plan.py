@@ -76,6 +76,16 @@ class StepPlan:
 
 
 @dataclass
+class PromptLogprobs:
+    """Logprobs of some prompt tokens of one sequence, computed in this step's prefill chunk:
+    entry i is prompt token `start + i` given the tokens before it (start >= 1)."""
+
+    seq_id: int
+    start: int
+    logprobs: list[dict[int, float]]  # token id -> logprob: the prompt token plus the top ones
+
+
+@dataclass
 class StepResult:
     """One rank's sampled tokens. A sequence whose prefill chunk did not reach the end of
     its known tokens is computed but not sampled, so it is absent here."""
@@ -86,3 +96,6 @@ class StepResult:
     # (the sampled token plus its `logprobs` most likely ones), from the raw model distribution
     logprobs: list[dict[int, float] | None] = field(default_factory=list)
     expert_load: list[list[int]] | None = None  # [layer][expert] routed-token counts when asked
+    # for sequences that asked for prompt logprobs and computed prompt positions this step,
+    # sampled or not (a prefill chunk that did not reach the end is not in seq_ids)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)

@@ -24,6 +24,7 @@ from gptoss_ray.engine.structured import apply_token_bitmask
 from gptoss_ray.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+PROMPT_LOGPROB_ROWS = 256  # prompt positions whose [rows, V] logits are held at once
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (avoids dividing logits by ~0)
 
 
@@ -201,6 +202,34 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None]  # [S] token id -> raw logprob, for rows that asked
 
 
+def logprob_entries(logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]) -> list[dict[int, float]]:
+    """Per row of log-probabilities [R, V]: {token id: logprob} of the row's token [R] and
+    its ks[r] most likely tokens (the users' format of sampled and prompt logprobs alike)."""
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()  # [R]
+    k_max = max(ks, default=0)
+    top_v, top_i = logprobs.topk(k_max, dim=-1) if k_max else (logprobs[:, :0], logprobs[:, :0].long())
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    entries = []
+    for j, (token, k) in enumerate(zip(tokens.tolist(), ks)):
+        entry = dict(zip(top_i[j][:k], top_v[j][:k]))
+        entry[token] = chosen[j]
+        entries.append(entry)
+    return entries
+
+
+def prompt_logprobs(compute_logits, hidden: torch.Tensor, targets: torch.Tensor, k: int) -> list[dict[int, float]]:
+    """Logprobs of the prompt tokens `targets` [R] from the hidden states of the positions
+    before them [R, H], from the model's raw distribution (no temperature or penalties,
+    as vLLM's prompt_logprobs), PROMPT_LOGPROB_ROWS rows at a time so a long prompt never
+    holds its whole [R, V] logits."""
+    entries: list[dict[int, float]] = []
+    for i in range(0, len(targets), PROMPT_LOGPROB_ROWS):
+        logits = compute_logits(hidden[i : i + PROMPT_LOGPROB_ROWS]).float()  # [r, V]
+        rows = targets[i : i + PROMPT_LOGPROB_ROWS]
+        entries += logprob_entries(torch.log_softmax(logits, dim=-1), rows, [k] * len(rows))
+    return entries
+
+
 class Sampler:
     """`method` "exponential" draws argmax(probs / q), q ~ Exp(1): no synchronization and
     one kernel, the GPU default. "inverse_cdf" draws one uniform per row and searches the
@@ -235,14 +264,8 @@ class Sampler:
         logprobs: list[dict[int, float] | None] = [None] * len(token_list)
         if raw_lp is not None:
             rows = torch.tensor(want_lp, device=logits.device)
-            chosen = raw_lp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()  # [L]
-            k_max = max(meta.num_logprobs[i] for i in want_lp)
-            top_v, top_i = raw_lp.topk(k_max, dim=-1) if k_max else (raw_lp[:, :0], raw_lp[:, :0].long())
-            top_v, top_i = top_v.tolist(), top_i.tolist()
-            for j, row in enumerate(want_lp):
-                k = meta.num_logprobs[row]
-                entry = dict(zip(top_i[j][:k], top_v[j][:k]))
-                entry[token_list[row]] = chosen[j]
+            entries = logprob_entries(raw_lp, tokens[rows], [meta.num_logprobs[i] for i in want_lp])
+            for row, entry in zip(want_lp, entries):
                 logprobs[row] = entry
         return SamplerOutput(token_ids=token_list, logprobs=logprobs)
 

@@ -128,6 +128,10 @@ class Scheduler:
         return budget
 
     def _use_cache(self, seq: Sequence) -> bool:
+        # A prompt whose logprobs are asked for computes every position (as vLLM v1), until
+        # its first output token shows they all were.
+        if seq.params.prompt_logprobs is not None and seq.index == 0 and seq.num_output_tokens == 0:
+            return False
         # Samples 1..n-1 and resumed sequences always reuse blocks: their KV is exactly
         # what recomputing would produce, so this is safe with prefix caching off.
         return self.enable_prefix_caching or seq.index > 0 or seq.admitted_once

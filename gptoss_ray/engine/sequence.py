@@ -86,6 +86,9 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     children_spawned: bool = False  # samples 1..n-1 exist
+    # prompt_logprobs asked for: one entry per prompt token (None for the first), filled by
+    # sample 0's prefill chunks, sent with each sample's first delta
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def is_finished(self) -> bool:

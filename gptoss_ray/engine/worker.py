@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, StepPlan, StepResult
-from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata, TokenHistory
+from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, PromptLogprobs, StepPlan, StepResult
+from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata, TokenHistory, prompt_logprobs
 from gptoss_ray.engine.structured import GrammarMasks, GrammarState
 from gptoss_ray.sampling_params import SamplingParams
 
@@ -126,6 +126,7 @@ class Worker:
         self.sampler = Sampler(self.device, None if config.seed is None else config.seed + rank)
         self.history: TokenHistory | None = None  # token ids on the device, once penalties are used
         self.masks: GrammarMasks | None = None  # bitmask buffers, once a constrained sequence arrives
+        self.prompt_lp_seqs: set[int] = set()  # sequences whose prompt logprobs are still to compute
 
     # --- building ---------------------------------------------------------------------------------
 
@@ -156,6 +157,7 @@ class Worker:
         return result
 
     def _forget(self, seq_id: int) -> None:
+        self.prompt_lp_seqs.discard(seq_id)
         state = self.seqs.pop(seq_id, None)
         if state is not None:
             for table in self.block_tables.values():
@@ -173,6 +175,10 @@ class Worker:
             state.grammar = GrammarState.start(new.params.grammar, new.token_ids[new.num_prompt_tokens:])
             if self.masks is None:
                 self.masks = GrammarMasks(self.config.max_num_seqs, self.vocab_size, self.device)
+        # sample 0 carries the request's prompt logprobs (the others reuse its cached prompt)
+        if (new.params.prompt_logprobs is not None and new.sample_index == 0
+                and new.num_computed_tokens < new.num_prompt_tokens - 1):
+            self.prompt_lp_seqs.add(new.seq_id)
         if state.has_penalty and self.history is None:
             self.history = TokenHistory(self.config.max_num_seqs, self.config.max_model_len, self.vocab_size,
                                         self.device)
@@ -205,8 +211,9 @@ class Worker:
         attn, positions, last_rows = self._metadata(states, starts, num_new_tokens)
         ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         hidden = self.model(ids, positions, attn, self.kv_caches)  # [T, H]
+        prompt_lp = self._prompt_logprobs(hidden, seq_ids, states, starts, num_new_tokens) if self.prompt_lp_seqs else []
         if not sampled:
-            return StepResult()
+            return StepResult(prompt_logprobs=prompt_lp)
         if len(sampled) < len(states):
             last_rows = last_rows[torch.tensor(sampled, device=self.device)]
             states = [states[i] for i in sampled]
@@ -227,7 +234,24 @@ class Worker:
             self.history.append([st.row for st in states], [len(st.token_ids) for st in states], out.token_ids)
         for st, tok in zip(states, out.token_ids):
             st.token_ids.append(tok)
-        return StepResult(seq_ids=seq_ids, token_ids=out.token_ids, logprobs=out.logprobs)
+        return StepResult(seq_ids=seq_ids, token_ids=out.token_ids, logprobs=out.logprobs, prompt_logprobs=prompt_lp)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seq_ids: list[int], states: list[SeqState], starts: list[int],
+                         num_new: list[int]) -> list[PromptLogprobs]:
+        """Prefill only: the logprobs of the prompt tokens that follow this chunk's positions,
+        for the sequences that asked (position p's logits score prompt token p + 1)."""
+        out, offset = [], 0
+        for seq_id, st, start, n in zip(seq_ids, states, starts, num_new):
+            end = min(start + n, st.num_prompt_tokens - 1)  # positions followed by a prompt token
+            if seq_id in self.prompt_lp_seqs and start < end:
+                targets = torch.tensor(st.token_ids[start + 1 : end + 1], device=self.device)
+                entries = prompt_logprobs(self.model.compute_logits, hidden[offset : offset + end - start], targets,
+                                          st.params.prompt_logprobs)
+                out.append(PromptLogprobs(seq_id, start + 1, entries))
+                if end == st.num_prompt_tokens - 1:
+                    self.prompt_lp_seqs.discard(seq_id)
+            offset += n
+        return out
 
     def _metadata(self, states: list[SeqState], starts: list[int], num_new: list[int]):
         """Attention metadata for the packed step; also the row of each sequence's last token.
