@@ -7,6 +7,7 @@ A batch of prompts becomes one engine request per prompt, run concurrently; choi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -40,19 +41,30 @@ class _Choice:
     text_offset: int = 0  # where the next token's text starts (OpenAI's logprobs.text_offset)
     finish_reason: str | None = None
     logprobs: dict[str, list] = field(default_factory=lambda: {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []})
+    echo: list[int] | None = None  # prompt ids still to send in front of the output (echo)
+    drop_output: bool = False  # echo with max_tokens 0: the engine's one token is not part of the answer
 
     def push(self, delta: TokenDelta, top: int | None) -> tuple[str, dict | None]:
-        self.num_tokens += len(delta.token_ids)
-        piece = self.stop.push(self.decoder.push(delta.token_ids))
+        head, lp = "", None
+        if self.echo is not None:  # the prompt goes first, with its logprobs (from the first delta) when asked
+            head = decode(self.echo)
+            self.text_offset = len(head)
+            if top is not None:
+                lp = completion_logprobs(self.echo, delta.prompt_logprobs or [None] * len(self.echo), top, 0)
+            self.echo = None
+        token_ids, logprobs = ([], None) if self.drop_output else (delta.token_ids, delta.logprobs)
+        self.num_tokens += len(token_ids)
+        piece = self.stop.push(self.decoder.push(token_ids))
         if delta.finished:
             self.finish_reason = delta.finish_reason
             piece += self.stop.push(self.decoder.flush()) + self.stop.flush()
-        lp = None
-        if top is not None and delta.logprobs:
-            lp = completion_logprobs(delta.token_ids, delta.logprobs, top, self.text_offset)
-            self.text_offset += sum(len(t) for t in lp["tokens"])
-            for key, values in lp.items():
-                self.logprobs[key] += values
+        if top is not None and logprobs:
+            out = completion_logprobs(token_ids, logprobs, top, self.text_offset)
+            self.text_offset += sum(len(t) for t in out["tokens"])
+            lp = out if lp is None else {key: lp[key] + out[key] for key in lp}
+        for key, values in (lp or {}).items():
+            self.logprobs[key] += values
+        piece = head + piece
         self.text += piece
         return piece, lp
 
@@ -83,22 +95,27 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest) -> Any:
     ctx.check_model(req.model)
     if req.suffix:
         raise OpenAIError(400, "suffix is not supported", param="suffix")
+    if req.max_tokens == 0 and not req.echo:
+        raise OpenAIError(400, "max_tokens 0 generates nothing; it is allowed with echo (to score the prompt)",
+                          param="max_tokens")
     prompts = _prompts(req)
     max_len = await ctx.max_model_len()
-    params = [build_sampling_params(req, len(p), max_len, req.max_tokens, req.logprobs, [], "prompt") for p in prompts]
+    # echo + max_tokens 0 (lm-eval's loglikelihood): the engine runs the prefill and samples
+    # one token, which the answer leaves out (vLLM does the same)
+    echo_only = req.echo and req.max_tokens == 0
+    params = [build_sampling_params(req, len(p), max_len, 1 if echo_only else req.max_tokens, req.logprobs, [],
+                                    "prompt") for p in prompts]
+    if req.echo and req.logprobs is not None:
+        params = [dataclasses.replace(p, prompt_logprobs=req.logprobs) for p in params]
     if req.response_format is not None:
         fmt = dump(req.response_format)
         params = [await constrain(ctx, p, lambda f, _max_tokens, **kw: completion_grammar(f, **kw), fmt)
                   for p in params]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     n = params[0].n
-    choices = [_Choice(IncrementalDecoder(skip_special=req.skip_special_tokens), StopFilter(params[0].stop))
-               for _ in range(len(prompts) * n)]
-    if req.echo:
-        for i, p in enumerate(prompts):
-            for j in range(n):
-                choices[i * n + j].text = decode(p)
-                choices[i * n + j].text_offset = len(choices[i * n + j].text)
+    choices = [_Choice(IncrementalDecoder(skip_special=req.skip_special_tokens), StopFilter(params[0].stop),
+                       echo=prompts[k // n] if req.echo else None, drop_output=echo_only)
+               for k in range(len(prompts) * n)]
     admission = ctx.admit(len(prompts) * n)  # every sequence counts: 64 prompts x n=16 is 1,024
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -151,9 +168,6 @@ async def _stream(ctx: ServingContext, admission: Admission, request_id: str, pr
     queue: asyncio.Queue = asyncio.Queue()
     try:
         with admission:
-            if req.echo:
-                for k, c in enumerate(choices):
-                    yield chunk(k, c.text, None, None)
             runner = asyncio.ensure_future(_drain(ctx, request_id, prompts, params, choices, req.logprobs, queue))
             try:
                 while not (runner.done() and queue.empty()):

@@ -52,7 +52,7 @@ from gptoss_ray.serve.protocol import (
     TokenizeResponse,
     VersionResponse,
 )
-from gptoss_ray.serve.tokenize import detokenize, server_version, tokenize
+from gptoss_ray.serve.tokenize import detokenize, server_version, tokenize, tokenizer_info
 
 logger = logging.getLogger(__name__)
 STARTED = int(time.time())
@@ -95,6 +95,10 @@ async def tokenize_route(body: TokenizeCompletionRequest | TokenizeChatRequest, 
 
 async def detokenize_route(body: DetokenizeRequest, request: Request) -> Any:
     return await detokenize(_ctx(request), body)
+
+
+async def tokenizer_info_route(request: Request) -> Any:
+    return await tokenizer_info(_ctx(request))
 
 
 async def version_route() -> Any:
@@ -154,6 +158,7 @@ ROUTES = (
     RouteSpec("POST", "/tokenize", tokenize_route, "Token ids of a prompt or a chat (vLLM's shape)",
               TokenizeResponse),
     RouteSpec("POST", "/detokenize", detokenize_route, "Text of token ids (vLLM's shape)", DetokenizeResponse),
+    RouteSpec("GET", "/tokenizer_info", tokenizer_info_route, "The tokenizer's special tokens (vLLM's shape)"),
     RouteSpec("GET", "/version", version_route, "The server's version", VersionResponse),
     RouteSpec("GET", "/health", health, "200 when the engine answers, else 503 (no API key needed)"),
     RouteSpec("GET", "/metrics", metrics, "Prometheus metrics (vLLM names)"),

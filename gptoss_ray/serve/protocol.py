@@ -218,9 +218,11 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text, a batch of texts, token ids, or a batch of token id lists."
     )
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS, description="0 only with echo: score the prompt, "
+                                   "generate nothing (lm-eval-harness's loglikelihood requests).")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(False, description="Return the prompt before the completion; with logprobs, the prompt's "
+                       "logprobs too (the first token's is null).")
     suffix: str | None = None
     skip_special_tokens: bool = True
     response_format: ResponseFormat | None = Field(

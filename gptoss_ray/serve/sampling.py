@@ -79,15 +79,16 @@ def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, float]]
     return out
 
 
-def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, float]], k: int,
+def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, float] | None], k: int,
                         text_offset: int) -> dict[str, list]:
-    """Legacy /v1/completions logprobs for these tokens; `text_offset` is where the first one starts."""
+    """Legacy /v1/completions logprobs for these tokens; `text_offset` is where the first one starts.
+    An entry of None (an echoed prompt's first token, which nothing predicts) gives nulls."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token, entry in zip(token_ids, logprobs):
         text = decode([token])
         out["tokens"].append(text)
-        out["token_logprobs"].append(float(entry.get(token, float("-inf"))))
-        out["top_logprobs"].append({decode([t]): float(lp) for t, lp in _top(entry, k)})
+        out["token_logprobs"].append(None if entry is None else float(entry.get(token, float("-inf"))))
+        out["top_logprobs"].append(None if entry is None else {decode([t]): float(lp) for t, lp in _top(entry, k)})
         out["text_offset"].append(text_offset)
         text_offset += len(text)
     return out

@@ -70,7 +70,11 @@ class ScriptedEngine:
         name = matches[-1] if matches else "default"
         script = get_encoding().encode(SCRIPTS[name], allowed_special="all")
         self._held[request_id] = math.ceil(len(prompt_token_ids) / self.block_size)
-        streams = [self._one(request_id, i, script, params, len(prompt_token_ids), name) for i in range(params.n)]
+        # the prompt's logprobs, when asked: -1 for each prompt token, -2 for the token after it
+        prompt_lp = ([None] + [{t: -1.0, (t + 1) % 200000: -2.0} for t in prompt_token_ids[1:]]
+                     if params.prompt_logprobs is not None else None)
+        streams = [self._one(request_id, i, script, params, len(prompt_token_ids), name, prompt_lp)
+                   for i in range(params.n)]
         for stream in streams:  # samples one after the other: simple and still ordered per index
             async for delta in stream:
                 if request_id not in self._held:  # aborted while we waited
@@ -82,7 +86,7 @@ class ScriptedEngine:
         self._finished.append(request_id)
 
     async def _one(self, request_id: str, index: int, script: list[int], params: SamplingParams,
-                   num_prompt: int, name: str) -> AsyncIterator[TokenDelta]:
+                   num_prompt: int, name: str, prompt_lp: list | None = None) -> AsyncIterator[TokenDelta]:
         decoder, text, out = IncrementalDecoder(skip_special=True), "", []
         limit = params.max_tokens or self.max_model_len - num_prompt
         for start in range(0, len(script), self.tokens_per_step):
@@ -106,7 +110,7 @@ class ScriptedEngine:
             yield TokenDelta(request_id=request_id, index=index, token_ids=step, logprobs=logprobs,
                              finish_reason=finish, stop_reason=stop_reason,
                              error="scripted engine failure" if finish == "error" else None,
-                             num_prompt_tokens=num_prompt)
+                             num_prompt_tokens=num_prompt, prompt_logprobs=prompt_lp if start == 0 else None)
             if finish is not None:
                 return
 

@@ -3,7 +3,8 @@
 /tokenize takes raw text (`prompt`, tokenized as /v1/completions does) or a chat
 (`messages`, rendered to harmony as /v1/chat/completions does; without
 `add_generation_prompt` the trailing `<|start|>assistant` is left off). Both answer
-`{count, max_model_len, tokens}`. /detokenize decodes with the same harmony decoder
+`{count, max_model_len, tokens}`. GET /tokenizer_info names the special tokens.
+/detokenize decodes with the same harmony decoder
 every response uses (special tokens spelled out, invalid UTF-8 replaced).
 """
 
@@ -60,6 +61,15 @@ async def detokenize(ctx: ServingContext, req: DetokenizeRequest) -> Any:
     except Exception:  # ids inside the vocab size that the encoding never assigned
         raise OpenAIError(400, "tokens hold ids the tokenizer does not know", param="tokens") from None
     return JSONResponse({"prompt": text})
+
+
+async def tokenizer_info(ctx: ServingContext) -> Any:
+    """vLLM's GET /tokenizer_info: the tokenizer's special tokens, as gpt-oss's
+    tokenizer_config.json names them. lm-eval-harness's `remote` tokenizer reads it, then
+    tokenizes through /tokenize and /detokenize: no tokenizer files on the client."""
+    return JSONResponse({"tokenizer_class": "o200k_harmony", "eos_token": "<|return|>", "bos_token": None,
+                         "pad_token": "<|endoftext|>", "model_max_length": await ctx.max_model_len(),
+                         "chat_template": None})
 
 
 def server_version() -> str:

@@ -210,6 +210,39 @@ def test_completions_text_and_token_ids(client, app):
     assert texts[0] == texts[1] == "analysisThe" and chunks[-1].usage.completion_tokens == 8
 
 
+def test_echo_with_logprobs_returns_the_prompts_logprobs(client, app):
+    """lm-eval-harness's loglikelihood request: echo, logprobs, max_tokens 0. The scripted
+    engine gives each prompt token -1 (and the next token id -2)."""
+    ids = get_encoding().encode("Hello big world")
+    r = client.completions.create(model=MODEL, prompt=[ids], echo=True, logprobs=1, max_tokens=0)
+    sent = debug(app, "prompts")[-1]["params"]
+    assert sent["prompt_logprobs"] == 1 and sent["max_tokens"] == 1  # one token sampled, then left out
+    (choice,) = r.choices
+    assert choice.text == "Hello big world" and choice.finish_reason == "length"
+    lp = choice.logprobs
+    assert lp.tokens == [decode([t]) for t in ids]
+    assert lp.token_logprobs == [None, -1.0, -1.0] and lp.top_logprobs[0] is None
+    assert lp.top_logprobs[1:] == [{decode([t]): -1.0} for t in ids[1:]]
+    assert lp.text_offset == [0, len("Hello"), len("Hello big")]
+    assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 0
+    # with output: the prompt's entries, then the generated tokens'
+    r = client.completions.create(model=MODEL, prompt="Hello big world", echo=True, logprobs=0, max_tokens=3)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("Hello big world") and r.usage.completion_tokens == 3
+    assert lp.token_logprobs == [None, -1.0, -1.0, -0.5, -0.5, -0.5] and len(lp.tokens) == 6
+    assert lp.text_offset[3] == len("Hello big world")
+    # echo alone asks for no prompt logprobs; streamed, the prompt comes first
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", echo=True, max_tokens=2, stream=True))
+    assert debug(app, "prompts")[-1]["params"]["prompt_logprobs"] is None
+    assert chunks[0].choices[0].text.startswith("Hello") and "".join(c.choices[0].text for c in chunks) == \
+        "Hello" + "analysis"
+
+
+def test_max_tokens_zero_needs_echo(app):
+    r = raw(app, "POST", "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
 def test_models(client, app):
     (card,) = client.models.list().data
     assert card.id == MODEL and card.model_extra["max_model_len"] == 2048

@@ -1,5 +1,7 @@
 """The real Serve app on the real engine and the tiny demo checkpoint, through the openai
-client: chat streamed and not, and a client that leaves mid-stream frees its KV blocks."""
+client: chat streamed and not, and a client that leaves mid-stream frees its KV blocks;
+the prompt's logprobs (echo + logprobs + max_tokens 0), and lm-eval-harness's
+`local-completions` model running a loglikelihood task against the server, offline."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from gptoss_ray.harmony.render import render_chat
+from gptoss_ray.harmony.encoding import decode
+from gptoss_ray.harmony.render import encode_text, render_chat
 from gptoss_ray.serve.testing import local_serve_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -18,11 +21,15 @@ MODEL = "gpt-oss-tiny-demo"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
-@pytest.fixture(scope="module")
-def app():
+def demo_checkpoint():
     from gptoss_ray.checkpoint import default_demo_checkpoint
 
-    engine = {"model": str(default_demo_checkpoint()), "dtype": "float32", "device": "cpu", "block_size": 16,
+    return default_demo_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def app():
+    engine = {"model": str(demo_checkpoint()), "dtype": "float32", "device": "cpu", "block_size": 16,
               "num_kv_blocks": 256, "max_model_len": 4096, "max_num_seqs": 4, "worker_num_cpus": 0.1}
     with local_serve_app({"engine": engine, "served_model_name": MODEL}, app_name="real") as url:
         from ray import serve
@@ -122,3 +129,56 @@ def test_responses_api_on_the_demo_engine(client):
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
+
+
+def test_prompt_logprobs_as_lm_eval_asks_for_them(client):
+    """The request lm-eval-harness makes for a loglikelihood: token ids, echo, logprobs=1,
+    max_tokens 0; each prompt token's logprob is the model's, recomputed here."""
+    from support.engine_helpers import logsoftmax_by_recompute
+
+    ids = encode_text("The quick brown fox jumps over the lazy dog")
+    r = client.completions.create(model=MODEL, prompt=[ids], echo=True, logprobs=1, max_tokens=0, temperature=0.0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == decode(ids) and r.usage.completion_tokens == 0
+    assert lp.tokens == [decode([t]) for t in ids] and lp.token_logprobs[0] is None
+    ref = logsoftmax_by_recompute(demo_checkpoint(), ids)
+    for p in range(1, len(ids)):
+        assert lp.token_logprobs[p] == pytest.approx(float(ref[p - 1, ids[p]]), abs=1e-4)
+        best = int(ref[p - 1].argmax())
+        assert lp.top_logprobs[p][decode([best])] == pytest.approx(float(ref[p - 1, best]), abs=1e-4)
+
+
+def test_lm_eval_harness_loglikelihood_task_runs(app, tmp_path, monkeypatch):
+    """lm-eval-harness's `local-completions` over HTTP, tokenizing through the server's
+    /tokenizer_info, /tokenize and /detokenize (its `remote` backend: no tokenizer files),
+    on a two-question multiple-choice task from a local file. Its scores are meaningless on
+    random weights; each choice's loglikelihood must be the model's."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from support.engine_helpers import logsoftmax_by_recompute
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    docs = [{"question": "The sky is", "choices": [" blue", " made of green cheese"], "answer": 0},
+            {"question": "Two plus two is", "choices": [" four", " five"], "answer": 0}]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(
+        "task: gptoss_tiny_loglikelihood\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        "target_delimiter: ''\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"base_url={app[0]}/v1/completions,model={MODEL},tokenizer_backend=remote,max_retries=1",
+        tasks=["gptoss_tiny_loglikelihood"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=True)
+    samples = results["samples"]["gptoss_tiny_loglikelihood"]
+    assert len(samples) == len(docs) and 0.0 <= results["results"]["gptoss_tiny_loglikelihood"]["acc,none"] <= 1.0
+    for sample in samples:
+        for (context, continuation), ((loglikelihood, _),) in zip(sample["arguments"], sample["resps"]):
+            ctx, whole = encode_text(context), encode_text(context + continuation)
+            assert whole[: len(ctx)] == ctx
+            ref = logsoftmax_by_recompute(demo_checkpoint(), whole)
+            expected = sum(float(ref[p - 1, whole[p]]) for p in range(len(ctx), len(whole)))
+            assert loglikelihood == pytest.approx(expected, abs=1e-3)

@@ -73,3 +73,18 @@ def greedy_by_recompute(ckpt, tokens: list[int], num_new: int) -> list[int]:
         hidden = model(torch.tensor(tokens), torch.arange(n), attn, caches)
         tokens.append(int(model.compute_logits(hidden[-1:]).argmax()))
     return tokens[-num_new:]
+
+
+def logsoftmax_by_recompute(ckpt, tokens: list[int]) -> torch.Tensor:
+    """[P, V] log-softmax at every position of `tokens`, one forward over all of them."""
+    from gptoss_ray.model.attention import allocate_kv_cache, contiguous_metadata
+
+    model = _reference_model(str(ckpt))
+    n, block_size = len(tokens), 16
+    max_blocks = -(-n // block_size)
+    caches = allocate_kv_cache(model.config, {"full_attention": max_blocks, "sliding_attention": max_blocks},
+                               block_size, torch.float32)
+    with torch.inference_mode():
+        hidden = model(torch.tensor(tokens), torch.arange(n), contiguous_metadata([n], [n], block_size, max_blocks),
+                       caches)
+        return torch.log_softmax(model.compute_logits(hidden).float(), dim=-1)
