@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,15 @@ class EngineDeadError(RuntimeError):
     """The step loop stopped on an error (or was shut down); the replica must be replaced."""
 
 
+class EngineStalledError(RuntimeError):
+    """A step has run longer than the step timeout: /health and Serve's health check say so."""
+
+
+# The first steps of a (re)started engine may compile kernels; as the worker group allows.
+_WARMUP_STEPS = 2
+_WARMUP_STEP_TIMEOUT_S = 300.0
+
+
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, executor=None):
         self.engine = LLMEngine(config, executor)
@@ -45,6 +55,7 @@ class AsyncLLMEngine:
         self._wakeup = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
+        self._step_started: float | None = None  # monotonic start of the step in progress, if any
         self._thread = threading.Thread(target=self._loop, name="gptoss-engine-loop", daemon=True)
         self._thread.start()
 
@@ -89,8 +100,24 @@ class AsyncLLMEngine:
         return self.engine.stats()
 
     async def check_health(self) -> None:
+        """Raise when the engine cannot serve: dead, or stuck in a step past the step
+        timeout (whatever holds it: a hung worker the executor's own timeout missed, or
+        work on the loop thread itself), so /health turns 503 and Serve replaces it."""
         self._check_alive()
+        self._check_not_stalled()
         await asyncio.to_thread(self.engine.executor.check_health)
+
+    def _check_not_stalled(self) -> None:
+        started = self._step_started
+        if started is None:
+            return
+        limit = self.engine.config.step_timeout_s
+        if self.engine.num_steps <= _WARMUP_STEPS:
+            limit = max(limit, _WARMUP_STEP_TIMEOUT_S)
+        running = time.monotonic() - started
+        if running > limit:
+            raise EngineStalledError(f"the engine step started {running:.0f} s ago has not finished "
+                                     f"(step timeout {limit:.0f} s)")
 
     async def shutdown(self) -> None:
         if self._stopping:
@@ -125,6 +152,7 @@ class AsyncLLMEngine:
             if not self.engine.has_unfinished_requests():
                 self._wakeup.wait(timeout=1.0)
                 continue
+            self._step_started = time.monotonic()
             try:
                 deltas = self.engine.step()
             except Exception as e:  # a bug or a dead worker: every request fails, the replica is dead
@@ -132,6 +160,8 @@ class AsyncLLMEngine:
                 self._error = e
                 self._fail_streams("error", f"engine step failed: {e!r}")
                 return
+            finally:
+                self._step_started = None
             self._deliver(deltas)
 
     def _run_commands(self) -> None:

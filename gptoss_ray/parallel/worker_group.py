@@ -133,7 +133,11 @@ class WorkerGroup:
 
             with InputNode() as plan:
                 outputs = MultiOutputNode([a.step.bind(plan) for a in self.actors])
-            self._dag = outputs.experimental_compile(_submit_timeout=max(cfg.step_timeout_s, _WARMUP_TIMEOUT_S))
+            # The submit timeout bounds writing a plan into the graph's channels, which blocks
+            # while a stopped rank has not read the previous one: it must not exceed the step
+            # timeout (it once was 300 s, and a SIGSTOPped worker stalled every request that
+            # long). Slow warm-up steps are covered by ray.get's timeout below, not by this.
+            self._dag = outputs.experimental_compile(_submit_timeout=cfg.step_timeout_s)
         logger.info("expert-parallel group up: %d ranks, experts %s, compiled graph %s",
                     cfg.ep_size, self.placement.counts(), cfg.use_compiled_graph)
 

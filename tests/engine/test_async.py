@@ -145,3 +145,52 @@ def test_a_failing_step_ends_requests_with_error_and_health_check_fails(tiny_ckp
     deltas = asyncio.run(main())
     assert deltas[-1].finish_reason == "error" and "injected bug" in deltas[-1].error
     assert sum(len(d.token_ids) for d in deltas) == 2
+
+
+def test_health_fails_while_a_step_runs_past_the_step_timeout(tiny_ckpt):
+    """A step that does not finish (a hung worker the executor's own timeout missed, or work
+    stuck on the loop thread) turns check_health into an error after step_timeout_s, so
+    /health answers 503 and Serve replaces the replica; once the step ends it is healthy."""
+    import threading
+    import time
+
+    from gptoss_ray.engine.async_engine import EngineStalledError
+    from gptoss_ray.engine.engine import build_worker_config
+    from gptoss_ray.engine.executor import InProcessExecutor
+
+    cfg = config(tiny_ckpt, step_timeout_s=0.5)
+    release, stuck = threading.Event(), threading.Event()
+
+    class HangsOnThirdStep(InProcessExecutor):
+        calls = 0
+
+        def execute(self, plan):
+            HangsOnThirdStep.calls += 1
+            if HangsOnThirdStep.calls == 3:  # past the warm-up steps, which get longer
+                stuck.set()
+                release.wait(120)
+            return super().execute(plan)
+
+    async def main():
+        engine = AsyncLLMEngine(cfg, executor=HangsOnThirdStep(build_worker_config(cfg)[0]))
+        await engine.check_health()
+        task = asyncio.ensure_future(collect(engine, "r", prompt(5, seed=1),
+                                             SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)))
+        await asyncio.to_thread(stuck.wait, 120)
+        end = time.monotonic() + 60  # bounds a hang only
+        while True:
+            try:
+                await engine.check_health()
+            except EngineStalledError as e:
+                assert "has not finished" in str(e)
+                break
+            assert time.monotonic() < end, "health never noticed the stalled step"
+            await asyncio.sleep(0.1)
+        release.set()
+        out, _ = await task
+        await engine.check_health()
+        await engine.shutdown()
+        return out
+
+    out = asyncio.run(main())
+    assert len(out[0]) == 6

@@ -30,6 +30,9 @@ def test_lost_worker_fails_in_flight_requests_then_recovers(tiny_moe_ckpt, refer
             engine.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=200))
         for _ in range(3):
             engine.step()
+        # Submitting a plan blocks while a stopped rank has not read the last one: that wait
+        # must be bounded by the step timeout too (it was 300 s, and 1 hang in 5 stalled that long).
+        assert engine.executor.group._dag._submit_timeout <= 10.0
         victim = engine.executor.worker_pids()[1]
         os.kill(victim, sig)
         finished, start = {}, time.monotonic()
