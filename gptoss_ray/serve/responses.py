@@ -49,6 +49,7 @@ from gptoss_ray.serve.sampling import build_sampling_params, chat_logprobs
 from gptoss_ray.serve.structured import constrain
 
 logger = logging.getLogger(__name__)
+CANCEL_POLL_S = 0.5  # a background response checks the store this often for a cancel from another replica
 MAX_CHAIN = 10_000  # responses walked back through previous_response_id (a cycle guard, not a limit anyone meets)
 
 
@@ -360,12 +361,19 @@ class _Run:
         yield {"type": "response.created", "response": dict(body)}
         yield {"type": "response.in_progress", "response": dict(body)}
         num_prompt, num_cached = len(self.prompt), 0
+        if self.req.background and self.record is not None:  # pollers see it running
+            await self._save()
+        next_check = time.monotonic() + CANCEL_POLL_S
         try:
             async for delta in ctx.generate(body["id"], self.prompt, self.params):
                 num_prompt = delta.num_prompt_tokens or num_prompt
                 num_cached = max(num_cached, delta.num_cached_tokens)
                 for event in self.builder.absorb(delta.token_ids, delta.logprobs, delta.finished, delta.finish_reason):
                     yield event
+                if self.req.background and time.monotonic() > next_check:
+                    next_check = time.monotonic() + CANCEL_POLL_S
+                    if await self._cancelled():  # by a replica that is not running it
+                        return  # leaving ctx.generate aborts the engine request
         except OpenAIError as e:
             body.update(status="failed", output=self.builder.output, completed_at=None,
                         error={"code": e.code or "server_error", "message": e.message},
@@ -381,13 +389,16 @@ class _Run:
         await self._save()
         yield {"type": f"response.{status}", "response": dict(body)}
 
+    async def _cancelled(self) -> bool:
+        assert self.record is not None
+        current = await self.service.store.get(self.record.id, self.record.key_hash)
+        return current is not None and current.response.get("status") == "cancelled"
+
     async def _save(self) -> None:
         if self.record is None:
             return
-        if self.req.background:  # a cancel may have landed meanwhile (on any replica): it wins
-            current = await self.service.store.get(self.record.id, self.record.key_hash)
-            if current is not None and current.response.get("status") == "cancelled":
-                return
+        if self.req.background and await self._cancelled():  # a cancel landed meanwhile (on any replica): it wins
+            return
         self.record.response = self.body
         self.record.output_token_ids = self.builder.token_ids
         await self.service.put(self.record)

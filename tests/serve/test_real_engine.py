@@ -126,6 +126,9 @@ def test_responses_api_on_the_demo_engine(client):
     assert last.type == f"response.{r.status}" and text_of(last.response) == text_of(r)
     assert client.responses.retrieve(r.id).usage.output_tokens == r.usage.output_tokens
     assert [i.type for i in client.responses.input_items.list(r.id).data] == ["message"]
+    again = client.responses.create(model=MODEL, input="Again.", previous_response_id=r.id, max_output_tokens=2)
+    assert again.usage.input_tokens > r.usage.input_tokens
+    assert again.usage.input_tokens_details.cached_tokens >= 16  # the shared prefix came from the prefix cache
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)

@@ -180,6 +180,16 @@ def test_two_apps_share_one_postgres(pg_url):
         assert len(prompts_a) == 1 and len(prompts_b) == 1  # each app generated one turn
         assert prompts_b[0]["prompt_token_ids"][:len(prompts_a[0]["prompt_token_ids"])] == \
             prompts_a[0]["prompt_token_ids"]
+        # a background response running on `a` is cancelled through `b`: `a` stops generating it
+        slow = a.responses.create(model=MODEL, input="think [[script:slow]]", background=True)
+        assert b.responses.cancel(slow.id).status == "cancelled"
+        handle_a = serve.get_deployment_handle("LLMServer", app_name="a")
+        for _ in range(300):
+            if slow.id in handle_a.debug.remote("aborted").result():
+                break
+            time.sleep(0.05)
+        assert slow.id in handle_a.debug.remote("aborted").result()
+        assert a.responses.retrieve(slow.id).status == "cancelled"
         b.responses.delete(first.id)
         with pytest.raises(openai.NotFoundError):
             a.responses.retrieve(first.id)
