@@ -11,7 +11,7 @@ and, when streaming, OpenAI's event sequence:
               [content_part.done], output_item.done
     response.completed | response.incomplete | (error, response.failed)
 
-`_Builder` produces both: the non-streamed reply is the streamed one with the events
+`OutputBuilder` (responses_output.py) produces both: the non-streamed reply is the streamed one with the events
 dropped, so the two cannot disagree.
 
 `previous_response_id` rebuilds the conversation from the store: every response in the
@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -37,24 +36,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptoss_ray.harmony.encoding import stop_token_ids
 from gptoss_ray.harmony.grammar import responses_grammar
-from gptoss_ray.harmony.parse import Delta, HarmonyStreamParser
 from gptoss_ray.harmony.render import RenderError, render_chat
 from gptoss_ray.sampling_params import SamplingParams
 from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError
 from gptoss_ray.serve.responses_input import function_tools, to_messages
+from gptoss_ray.serve.responses_output import OutputBuilder, new_id, usage
 from gptoss_ray.serve.responses_protocol import ResponsesRequest
 from gptoss_ray.serve.responses_store import ResponseStore, StoredResponse, StoreError, key_hash
-from gptoss_ray.serve.sampling import build_sampling_params, chat_logprobs
+from gptoss_ray.serve.sampling import build_sampling_params
 from gptoss_ray.serve.structured import constrain
 
 logger = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.5  # a background response checks the store this often for a cancel from another replica
 MAX_CHAIN = 10_000  # responses walked back through previous_response_id (a cycle guard, not a limit anyone meets)
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 @dataclass
@@ -110,7 +105,7 @@ def _normalize_input(req: ResponsesRequest) -> list[dict[str, Any]]:
                 item["content"] = [{"type": part, "text": item["content"]}]
         prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
         if not isinstance(item.get("id"), str) or not item.get("id"):
-            item["id"] = _new_id(prefix.get(kind, "item"))
+            item["id"] = new_id(prefix.get(kind, "item"))
         item.setdefault("status", "completed")
     return items
 
@@ -200,126 +195,6 @@ def _sampling(req: ResponsesRequest, num_prompt: int, max_model_len: int, top: i
         raise
 
 
-# --- output items and events -----------------------------------------------------------
-
-
-@dataclass
-class _Builder:
-    """Parser deltas -> output items, and the streaming events that build them."""
-
-    top: int | None  # top_logprobs when logprobs are included, else None
-    parser: HarmonyStreamParser = field(default_factory=HarmonyStreamParser)
-    output: list[dict[str, Any]] = field(default_factory=list)
-    num_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    _open: dict[str, Any] | None = None  # the item being streamed
-    _logprobs: list[dict[str, Any]] = field(default_factory=list)  # entries not yet sent with a delta
-    _item_logprobs: list[dict[str, Any]] = field(default_factory=list)
-
-    def absorb(self, token_ids: list[int], logprobs: list | None, finished: bool,
-               finish_reason: str | None) -> list[dict[str, Any]]:
-        self.num_tokens += len(token_ids)
-        self.token_ids += token_ids
-        pieces = self.parser.feed(token_ids)
-        if self.top is not None and logprobs:
-            is_content = self.parser.token_is_content[-len(token_ids):] if token_ids else []
-            self._logprobs += [e for e, keep in zip(chat_logprobs(token_ids, logprobs, self.top), is_content) if keep]
-        if finished:
-            self.finish_reason = finish_reason
-            pieces += self.parser.finish()
-        events = []
-        for piece in pieces:
-            events += self._piece(piece)
-        if finished:
-            events += self._close(self.status() == "completed")
-        return events
-
-    def status(self) -> str:
-        return "incomplete" if self.finish_reason == "length" else "completed"
-
-    def _piece(self, piece: Delta) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        kind = {"reasoning": "reasoning", "content": "message", "tool_call": "function_call"}[piece.kind]
-        if self._open is None or self._open["type"] != kind or piece.tool_id is not None:
-            events += self._close(True)
-            events += self._start(kind, piece)
-        item, ref = self._open, self._ref()
-        if kind == "reasoning":
-            item["content"][0]["text"] += piece.text
-            events.append({"type": "response.reasoning_text.delta", **ref, "content_index": 0, "delta": piece.text})
-        elif kind == "message":
-            item["content"][0]["text"] += piece.text
-            sent, self._logprobs = self._logprobs, []
-            self._item_logprobs += sent
-            events.append({"type": "response.output_text.delta", **ref, "content_index": 0, "delta": piece.text,
-                           "logprobs": sent})
-        elif piece.text:
-            item["arguments"] += piece.text
-            events.append({"type": "response.function_call_arguments.delta", **ref, "delta": piece.text})
-        return events
-
-    def _ref(self) -> dict[str, Any]:
-        return {"item_id": self._open["id"], "output_index": len(self.output) - 1}
-
-    def _start(self, kind: str, piece: Delta) -> list[dict[str, Any]]:
-        if kind == "reasoning":
-            item = {"id": _new_id("rs"), "type": "reasoning", "summary": [], "status": "in_progress",
-                    "content": [{"type": "reasoning_text", "text": ""}]}
-        elif kind == "message":
-            item = {"id": _new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-                    "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
-            self._item_logprobs = []
-        else:
-            call = self.parser.tool_calls[piece.tool_index or 0]
-            item = {"id": _new_id("fc"), "type": "function_call", "call_id": call.id, "name": call.name,
-                    "arguments": "", "status": "in_progress"}
-        added = json.loads(json.dumps(item))  # the empty shell, as OpenAI sends it
-        if kind != "function_call":
-            added["content"] = []
-        self.output.append(item)
-        self._open = item
-        events = [{"type": "response.output_item.added", "output_index": len(self.output) - 1, "item": added}]
-        if kind != "function_call":
-            part = dict(item["content"][0])
-            events.append({"type": "response.content_part.added", **self._ref(), "content_index": 0, "part": part})
-        return events
-
-    def _close(self, complete: bool) -> list[dict[str, Any]]:
-        item = self._open
-        if item is None:
-            return []
-        self._open = None
-        ref = {"item_id": item["id"], "output_index": len(self.output) - 1}
-        item["status"] = "completed" if complete else "incomplete"
-        events: list[dict[str, Any]] = []
-        if item["type"] == "reasoning":
-            part = item["content"][0]
-            events.append({"type": "response.reasoning_text.done", **ref, "content_index": 0, "text": part["text"]})
-            events.append({"type": "response.content_part.done", **ref, "content_index": 0, "part": part})
-        elif item["type"] == "message":
-            part = item["content"][0]
-            self._item_logprobs += self._logprobs
-            self._logprobs = []
-            if self.top is not None:
-                part["logprobs"] = self._item_logprobs
-            events.append({"type": "response.output_text.done", **ref, "content_index": 0, "text": part["text"],
-                           "logprobs": part["logprobs"]})
-            events.append({"type": "response.content_part.done", **ref, "content_index": 0, "part": part})
-        else:
-            events.append({"type": "response.function_call_arguments.done", **ref, "arguments": item["arguments"],
-                           "name": item["name"]})
-        events.append({"type": "response.output_item.done", "output_index": ref["output_index"], "item": item})
-        return events
-
-
-def _usage(builder: _Builder, num_prompt: int, num_cached: int) -> dict[str, Any]:
-    return {"input_tokens": num_prompt, "input_tokens_details": {"cached_tokens": num_cached, "cache_write_tokens": 0},
-            "output_tokens": builder.num_tokens,
-            "output_tokens_details": {"reasoning_tokens": builder.parser.num_reasoning_tokens},
-            "total_tokens": num_prompt + builder.num_tokens}
-
-
 def _response(req: ResponsesRequest, response_id: str, created: float, model: str, status: str,
               stored: bool) -> dict[str, Any]:
     effort = req.reasoning.effort if req.reasoning else None
@@ -352,7 +227,7 @@ class _Run:
     record: StoredResponse | None  # what is stored (None: store false)
     prompt: list[int]
     params: SamplingParams
-    builder: _Builder
+    builder: OutputBuilder
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """The streaming events in order; the final one carries the finished response."""
@@ -377,14 +252,14 @@ class _Run:
         except OpenAIError as e:
             body.update(status="failed", output=self.builder.output, completed_at=None,
                         error={"code": e.code or "server_error", "message": e.message},
-                        usage=_usage(self.builder, num_prompt, num_cached))
+                        usage=usage(self.builder, num_prompt, num_cached))
             await self._save()
             yield {"type": "error", "code": e.code or "server_error", "message": e.message, "param": e.param}
             yield {"type": "response.failed", "response": dict(body)}
             return
         status = self.builder.status()
         body.update(status=status, output=self.builder.output, completed_at=time.time(),
-                    usage=_usage(self.builder, num_prompt, num_cached),
+                    usage=usage(self.builder, num_prompt, num_cached),
                     incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None)
         await self._save()
         yield {"type": f"response.{status}", "response": dict(body)}
@@ -442,13 +317,13 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
     params = await constrain(ctx, params, responses_grammar, _text_format(req), req.tools, req.tool_choice,
                              param="text.format")
 
-    response_id, created = _new_id("resp"), time.time()
+    response_id, created = new_id("resp"), time.time()
     body = _response(req, response_id, created, ctx.model_name, "queued" if req.background else "in_progress", stored)
     record = StoredResponse(
         id=response_id, key_hash=key, created_at=created, expires_at=created + service.ttl_s, response=body,
         input_items=items, previous_response_id=req.previous_response_id, start_date=start_date,
         prompt_token_ids=prompt) if stored else None
-    run = _Run(service, req, body, record, prompt, params, _Builder(top))
+    run = _Run(service, req, body, record, prompt, params, OutputBuilder(top))
 
     admission = ctx.admit(1)  # 429 now, while a status can still be sent
     if req.background:
