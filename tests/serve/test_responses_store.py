@@ -208,3 +208,19 @@ def test_store_url_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("GPTOSS_RAY_CACHE", str(tmp_path))
     default = open_store(None)
     assert isinstance(default, SQLiteStore) and default.path == tmp_path / "responses.sqlite3"
+
+
+def test_cli_flags():
+    import argparse
+
+    from gptoss_ray.serve.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--responses-store", "none", "--responses-ttl", "12h"]))
+    assert (config.responses_store, config.responses_ttl_s) == ("none", 12 * 3600)
+    assert config_from_args(parser.parse_args(["--responses-ttl", "90"])).responses_ttl_s == 90
+    assert config_from_args(parser.parse_args([])).responses_ttl_s == 30 * 24 * 3600
+    for bad in ("soon", "0", "-1d"):
+        with pytest.raises(SystemExit):  # argparse's one-line usage error
+            parser.parse_args(["--responses-ttl", bad])
