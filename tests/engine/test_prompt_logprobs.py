@@ -60,7 +60,7 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_l
 @pytest.mark.parametrize("chunk", [256, 16])  # one prefill step; three chunks, two of them not sampled
 def test_prompt_logprobs_match_transformers(tiny_ckpt, chunk):
     tokens = prompt(PROMPT_LEN, seed=11)
-    deltas = run(make_engine(tiny_ckpt, max_num_batched_tokens=chunk), {"r": (tokens, PARAMS)})
+    deltas = run(make_engine(tiny_ckpt, dtype="float32", max_num_batched_tokens=chunk), {"r": (tokens, PARAMS)})
     assert_matches_reference(tiny_ckpt, tokens, first_delta(deltas, "r").prompt_logprobs)
     # once per sample, with its first delta only
     assert [d.prompt_logprobs is not None for d in deltas if d.request_id == "r"] == [True] + [False] * (len(
@@ -68,7 +68,7 @@ def test_prompt_logprobs_match_transformers(tiny_ckpt, chunk):
 
 
 def test_prefix_cache_hit_still_computes_every_position(tiny_ckpt):
-    engine = make_engine(tiny_ckpt)
+    engine = make_engine(tiny_ckpt, dtype="float32")
     tokens = prompt(PROMPT_LEN, seed=12)
     plain = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     run(engine, {"warm": (tokens, plain)})
@@ -82,7 +82,7 @@ def test_prefix_cache_hit_still_computes_every_position(tiny_ckpt):
 def test_every_sample_gets_them_and_other_requests_do_not(tiny_ckpt):
     tokens, other = prompt(PROMPT_LEN, seed=13), prompt(20, seed=14)
     params = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=3, ignore_eos=True, prompt_logprobs=0)
-    deltas = run(make_engine(tiny_ckpt, max_num_batched_tokens=16),
+    deltas = run(make_engine(tiny_ckpt, dtype="float32", max_num_batched_tokens=16),
                  # "plain" first: "lp"'s rows sit after others' in the packed batch
                  {"plain": (other, SamplingParams(max_tokens=3, ignore_eos=True)), "lp": (tokens, params)})
     first, second = first_delta(deltas, "lp", 0).prompt_logprobs, first_delta(deltas, "lp", 1).prompt_logprobs
