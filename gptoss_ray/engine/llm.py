@@ -36,6 +36,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]  # one per sample, by index
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # SamplingParams.prompt_logprobs asked for: per prompt token, id -> logprob (None for the first)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -81,6 +83,8 @@ class LLM:
                         sample.logprobs = sample.logprobs if sample.logprobs is not None else []
                         sample.logprobs.extend(delta.logprobs)
                     out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
+                    if delta.prompt_logprobs is not None:
+                        out.prompt_logprobs = delta.prompt_logprobs
                     if delta.finished:
                         sample.finish_reason, sample.stop_reason = delta.finish_reason, delta.stop_reason
         finally:  # an error (or Ctrl-C) must not leave requests holding blocks

@@ -36,6 +36,17 @@ def test_generate_returns_one_output_per_prompt_in_order(llm):
                    for t, a, b in zip(sample.token_ids, alone.logprobs, sample.logprobs))
 
 
+def test_prompt_logprobs_on_the_request_output(llm, tiny_ckpt):
+    from support.engine_helpers import logsoftmax_by_recompute
+
+    tokens = prompt(20, seed=3)
+    out = llm.generate(prompt_token_ids=[tokens], sampling_params=SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    ref = logsoftmax_by_recompute(tiny_ckpt, tokens)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(tokens)
+    assert all(math.isclose(entry[t], float(ref[p, t]), abs_tol=1e-4)
+               for p, (entry, t) in enumerate(zip(out.prompt_logprobs[1:], tokens[1:])))
+
+
 def test_per_prompt_params_and_n(llm):
     outs = llm.generate(prompt_token_ids=[prompt(5, seed=1), prompt(6, seed=2)],
                         sampling_params=[SamplingParams(max_tokens=2, ignore_eos=True),
