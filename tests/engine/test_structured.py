@@ -60,7 +60,8 @@ def test_every_schema_validates_whenever_the_output_stops(engine, chat_prompt):
                                 max_tokens=112, max_reasoning_tokens=6, max_string_length=16) for s in SCHEMAS]
     requests = {}
     for i, g in enumerate(grammars):
-        requests[f"g{i}"] = (chat_prompt, SamplingParams(temperature=0.0, max_tokens=112, grammar=g))
+        if i % 3 == 0:  # greedy on a third of them here; the slow sweep runs every schema both ways
+            requests[f"g{i}"] = (chat_prompt, SamplingParams(temperature=0.0, max_tokens=112, grammar=g))
         requests[f"s{i}"] = (chat_prompt, SamplingParams(temperature=1.0, seed=i, max_tokens=112, grammar=g))
     outs = run_all(engine, requests)
     stopped, reasoned = 0, 0
