@@ -132,42 +132,54 @@ def test_unreachable_database_is_a_503():
     assert float(errors[0].split()[-1]) >= 2
 
 
-def test_continuation_after_restart_sqlite(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One Ray cluster and Serve instance for the module's apps; yields (base URL, SQLite
+    app args). The SQLite app is "gptoss" at /; tests deploy more apps beside it."""
+    store = tmp_path_factory.mktemp("restart") / "responses.sqlite3"
+    args = {"engine_cls": SCRIPTED, "served_model_name": MODEL, "responses_store": f"sqlite:///{store}"}
+    with local_serve_app(args, app_name="gptoss") as url:
+        yield url, args
+
+
+def test_continuation_after_restart_sqlite(cluster):
     """The app is deleted and deployed again: new ingress and LLMServer actors (new
     processes, nothing in memory survives); only the SQLite file carries the conversation."""
-    args = {"engine_cls": SCRIPTED, "served_model_name": MODEL,
-            "responses_store": f"sqlite:///{tmp_path / 'responses.sqlite3'}"}
-    with local_serve_app(args, app_name="gptoss") as url:
-        from ray import serve
+    url, args = cluster
+    from ray import serve
 
-        from gptoss_ray.serve.app import build_app
+    from gptoss_ray.serve.app import build_app
 
-        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
-        first = client.responses.create(model=MODEL, input="Weather? [[script:tool_call]]", tools=[WEATHER])
-        call = first.output[-1]
-        assert call.type == "function_call"
-        serve.delete("gptoss")
-        serve.run(build_app(args), name="gptoss", route_prefix="/")
-        handle = serve.get_deployment_handle("LLMServer", app_name="gptoss")
-        assert handle.debug.remote("prompts").result() == []  # a fresh replica: nothing survived in memory
-        assert client.responses.retrieve(first.id).output[-1].call_id == call.call_id
-        second = client.responses.create(model=MODEL, previous_response_id=first.id, tools=[WEATHER], input=[
-            {"type": "function_call_output", "call_id": call.call_id, "output": "21C [[script:after_tool]]"}])
-        assert second.output_text == "It is 21C in Paris."
-        # the whole first turn was rendered back, token for token, ahead of the tool's output
-        (prompt,) = [p["prompt_token_ids"] for p in handle.debug.remote("prompts").result()]
-        assert len(prompt) > first.usage.input_tokens + first.usage.output_tokens
+    client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+    first = client.responses.create(model=MODEL, input="Weather? [[script:tool_call]]", tools=[WEATHER])
+    call = first.output[-1]
+    assert call.type == "function_call"
+    serve.delete("gptoss")
+    serve.run(build_app(args), name="gptoss", route_prefix="/")
+    handle = serve.get_deployment_handle("LLMServer", app_name="gptoss")
+    assert handle.debug.remote("prompts").result() == []  # a fresh replica: nothing survived in memory
+    assert client.responses.retrieve(first.id).output[-1].call_id == call.call_id
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, tools=[WEATHER], input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": "21C [[script:after_tool]]"}])
+    assert second.output_text == "It is 21C in Paris."
+    # the whole first turn was rendered back, token for token, ahead of the tool's output
+    (prompt,) = [p["prompt_token_ids"] for p in handle.debug.remote("prompts").result()]
+    assert len(prompt) > first.usage.input_tokens + first.usage.output_tokens
 
 
-def test_two_apps_share_one_postgres(pg_url):
+def test_two_apps_share_one_postgres(cluster, pg_url):
+    """Two applications (each its own ingress and LLMServer actors, as two replicas or pods
+    would be) over one PostgreSQL: a conversation started on one continues on the other."""
+    from ray import serve
+
+    from gptoss_ray.serve.app import build_app
+
+    url = cluster[0]
     args = {"engine_cls": SCRIPTED, "served_model_name": MODEL, "responses_store": pg_url}
-    with local_serve_app(args, app_name="a") as url:
-        from ray import serve
-
-        from gptoss_ray.serve.app import build_app
-
-        serve.run(build_app(args), name="b", route_prefix="/b")
-        a = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=60)
+    serve.run(build_app(args), name="a", route_prefix="/a")
+    serve.run(build_app(args), name="b", route_prefix="/b")
+    try:
+        a = openai.OpenAI(base_url=url + "/a/v1", api_key="k", max_retries=0, timeout=60)
         b = openai.OpenAI(base_url=url + "/b/v1", api_key="k", max_retries=0, timeout=60)
         first = a.responses.create(model=MODEL, input="Weather? [[script:tool_call]]", tools=[WEATHER])
         call = first.output[-1]
@@ -195,6 +207,9 @@ def test_two_apps_share_one_postgres(pg_url):
             a.responses.retrieve(first.id)
         with pytest.raises(openai.NotFoundError):
             a.responses.retrieve(second.id, extra_headers={"Authorization": "Bearer other"})
+    finally:
+        serve.delete("a")
+        serve.delete("b")
 
 
 def test_store_url_from_the_environment(monkeypatch, tmp_path):
