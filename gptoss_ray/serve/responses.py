@@ -237,7 +237,8 @@ class _Run:
         yield {"type": "response.in_progress", "response": dict(body)}
         num_prompt, num_cached = len(self.prompt), 0
         if self.req.background and self.record is not None:  # pollers see it running
-            await self._save()
+            self.record.response = body
+            await self.service.put(self.record)
         next_check = time.monotonic() + CANCEL_POLL_S
         try:
             async for delta in ctx.generate(body["id"], self.prompt, self.params):
@@ -265,9 +266,10 @@ class _Run:
         yield {"type": f"response.{status}", "response": dict(body)}
 
     async def _cancelled(self) -> bool:
+        """A background response was cancelled or deleted (through any replica) since it was stored."""
         assert self.record is not None
         current = await self.service.store.get(self.record.id, self.record.key_hash)
-        return current is not None and current.response.get("status") == "cancelled"
+        return current is None or current.response.get("status") == "cancelled"
 
     async def _save(self) -> None:
         if self.record is None:

@@ -252,6 +252,15 @@ def test_background_and_cancel(client, app):
         time.sleep(0.05)
     assert slow.id in debug(app, "aborted")  # the engine stopped generating it
     assert client.responses.retrieve(slow.id).status == "cancelled"
+    deleted = client.responses.create(model=MODEL, input="think [[script:slow]]", background=True)
+    client.responses.delete(deleted.id)  # deleting a running response stops it, and it stays deleted
+    for _ in range(200):
+        if deleted.id in debug(app, "aborted"):
+            break
+        time.sleep(0.05)
+    assert deleted.id in debug(app, "aborted")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(deleted.id)
 
 
 def test_engine_failure_is_an_error_event_then_failed(client):
