@@ -18,6 +18,7 @@ one-rank engine, computes with one thread, so N ranks could use N cores.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 import time
@@ -44,7 +45,7 @@ def run(ckpt: Path, ep_size: int, args) -> dict:
         t0 = time.perf_counter()
         steps = generate(engine, args, requests=args.requests, offset=0)
         elapsed = time.perf_counter() - t0
-        stats = engine.executor.stats() if ep_size > 1 else {}
+        stats = dataclasses.asdict(engine.executor.stats()) if ep_size > 1 else {}
     finally:
         engine.shutdown()
     return dict(steps=steps, step_ms=1e3 * elapsed / steps, **stats)

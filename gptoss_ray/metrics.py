@@ -3,16 +3,17 @@ vLLM Grafana dashboards and alerts work unchanged; gpt-oss specifics are `gptoss
 
 Request metrics (latencies, token counts, finish reasons) are observed where requests
 pass, in the ingress. Engine state (queue lengths, KV usage, preemptions, expert load)
-is read from `engine.stats()` when /metrics is scraped. Each `ServingMetrics` has its
+is read from `engine.stats()` (an EngineStats) when /metrics is scraped. Each `ServingMetrics` has its
 own registry, so several apps in one process (tests) do not collide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from gptoss_ray.engine_api import EngineStats
 
 # vLLM's buckets, so that dashboards' histogram_quantile panels match
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -86,18 +87,18 @@ class ServingMetrics:
 
     # --- engine state ----------------------------------------------------------------
 
-    def update_engine_stats(self, stats: Mapping[str, Any]) -> None:
-        self.labels(self.running).set(stats.get("num_running", 0))
-        self.labels(self.waiting).set(stats.get("num_waiting", 0))
-        self.labels(self.kv_usage).set(stats.get("kv_usage", 0.0))
-        for key, counter in (("num_preemptions", self.preemptions), ("prefix_cache_queries", self.prefix_queries),
-                             ("prefix_cache_hits", self.prefix_hits)):
-            value = float(stats.get(key, 0) or 0)
+    def update_engine_stats(self, stats: EngineStats) -> None:
+        self.labels(self.running).set(stats.num_running)
+        self.labels(self.waiting).set(stats.num_waiting)
+        self.labels(self.kv_usage).set(stats.kv_usage)
+        for key, value, counter in (("num_preemptions", stats.num_preemptions, self.preemptions),
+                                    ("prefix_cache_queries", stats.prefix_cache_queries, self.prefix_queries),
+                                    ("prefix_cache_hits", stats.prefix_cache_hits, self.prefix_hits)):
             delta = value - self._last.get(key, 0.0)
             if delta > 0:  # an engine restart resets its counters; ours stay monotonic
                 self.labels(counter).inc(delta)
-            self._last[key] = value
-        for layer, counts in enumerate(stats.get("expert_load") or []):
+            self._last[key] = float(value)
+        for layer, counts in enumerate(stats.expert_load or []):
             for expert, count in enumerate(counts):
                 self.labels(self.expert_load, layer=str(layer), expert=str(expert)).set(count)
 

@@ -65,7 +65,7 @@ def reference(tiny_moe_ckpt):
     engine = make_engine(tiny_moe_ckpt, 1)
     try:
         outputs, _ = generate(engine)
-        return dict(outputs=outputs, expert_load=engine.stats()["expert_load"])
+        return dict(outputs=outputs, expert_load=engine.stats().expert_load)
     finally:
         engine.shutdown()
 

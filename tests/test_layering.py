@@ -20,14 +20,15 @@ MAY_IMPORT: dict[str, set[str]] = {
     "errors": set(),
     "config": {"errors"},
     "sampling_params": {"errors"},
-    "metrics": set(),
+    "engine_api": BASE,  # the Engine protocol and its typed stats: what serve and engine share
+    "metrics": {"engine_api"},
     "kernels": set(),
     "harmony": {"errors", "config"},
     "checkpoint": {"errors", "config", "kernels"},  # write.py packs MXFP4
     "model": BASE | {"checkpoint", "kernels"},
     "parallel": BASE,  # torch.distributed concerns only: never the engine
-    "engine": BASE | {"parallel", "model", "checkpoint", "harmony", "kernels"},
-    "serve": BASE | {"harmony", "metrics"},
+    "engine": BASE | {"engine_api", "parallel", "model", "checkpoint", "harmony", "kernels"},
+    "serve": BASE | {"engine_api", "harmony", "metrics"},
     "bench": BASE,
     "generate": BASE | {"engine", "harmony"},
     "cli": BASE | {"serve", "bench", "generate", "checkpoint", "engine"},

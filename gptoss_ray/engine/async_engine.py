@@ -21,6 +21,7 @@ from typing import Any
 
 from gptoss_ray.config import EngineConfig
 from gptoss_ray.engine.engine import LLMEngine
+from gptoss_ray.engine_api import EngineStats
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class AsyncLLMEngine:
         if self._error is None and not self._stopping:
             await self._call("abort", request_id)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         return self.engine.stats()
 
     async def check_health(self) -> None:

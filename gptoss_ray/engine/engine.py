@@ -25,6 +25,7 @@ from gptoss_ray.engine.plan import SLIDING, StepResult
 from gptoss_ray.engine.scheduler import Scheduler
 from gptoss_ray.engine.sequence import Request, Sequence
 from gptoss_ray.engine.worker import WorkerConfig
+from gptoss_ray.engine_api import EngineStats
 from gptoss_ray.errors import GptOssError, SamplingParamsError
 from gptoss_ray.parallel.errors import WorkerGroupError
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
@@ -282,20 +283,21 @@ class LLMEngine:
 
     # --- introspection -----------------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         total = sum(kv.full.num_blocks for kv in self.kv)
         free = sum(kv.num_free_blocks for kv in self.kv)
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_usage": 1.0 - free / total,
-            "num_free_blocks": free,
-            "num_total_blocks": total,
-            "prefix_cache_hits": sum(kv.num_hit_tokens for kv in self.kv),
-            "prefix_cache_queries": sum(kv.num_query_tokens for kv in self.kv),
-            "num_preemptions": self.scheduler.num_preemptions,
-            "expert_load": self.expert_load,
-        } | ({"ep": self.executor.stats()} if hasattr(self.executor, "stats") else {})
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=1.0 - free / total,
+            num_free_blocks=free,
+            num_total_blocks=total,
+            prefix_cache_hits=sum(kv.num_hit_tokens for kv in self.kv),
+            prefix_cache_queries=sum(kv.num_query_tokens for kv in self.kv),
+            num_preemptions=self.scheduler.num_preemptions,
+            expert_load=self.expert_load,
+            ep=self.executor.stats(),
+        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

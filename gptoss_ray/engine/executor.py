@@ -11,6 +11,7 @@ import abc
 
 from gptoss_ray.engine.plan import StepPlan, StepResult
 from gptoss_ray.engine.worker import Worker, WorkerConfig
+from gptoss_ray.engine_api import ExpertParallelStats
 
 
 class Executor(abc.ABC):
@@ -25,6 +26,10 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Release the workers (idempotent)."""
+
+    def stats(self) -> ExpertParallelStats | None:
+        """The expert all-to-all's cost; None where there is none (one rank)."""
+        return None
 
 
 class InProcessExecutor(Executor):

@@ -26,6 +26,7 @@ from gptoss_ray.config import EngineConfig, ModelConfig
 from gptoss_ray.engine.executor import Executor
 from gptoss_ray.engine.plan import StepPlan, StepResult
 from gptoss_ray.engine.worker import Worker, WorkerConfig
+from gptoss_ray.engine_api import ExpertParallelStats
 from gptoss_ray.errors import ConfigError
 from gptoss_ray.parallel.worker_group import StepStats, WorkerGroup, WorkerGroupConfig
 
@@ -96,21 +97,21 @@ class RayExecutor(Executor):
         """Replace a dead or hung group between steps; raise only if none can be started."""
         self.group.health_check()
 
-    def stats(self) -> dict:
+    def stats(self) -> ExpertParallelStats:
         """All-to-all cost of the last step and averages since start (for engine.stats())."""
         last, n = self.group.last_stats, max(self.num_steps, 1)
-        return {
-            "ep_size": self.group.config.ep_size,
-            "expert_ranges": [[r.start, r.stop] for r in self.group.placement.ranges()],
-            "num_steps": self.num_steps,
-            "num_rebuilds": self.group.num_rebuilds,
-            "last_step_all_to_all_s": last.all_to_all_s,
-            "last_step_wire_bytes": last.wire_bytes,
-            "mean_all_to_all_s_per_step": self.total.all_to_all_s / n,
-            "mean_wire_bytes_per_step": self.total.wire_bytes / n,
-            "mean_pair_wire_bytes_per_step": self.total.pair_wire_bytes / n,
-            "mean_control_overhead_s_per_step": (self.total.step_s - self.total.worker_s) / n,
-        }
+        return ExpertParallelStats(
+            ep_size=self.group.config.ep_size,
+            expert_ranges=[(r.start, r.stop) for r in self.group.placement.ranges()],
+            num_steps=self.num_steps,
+            num_rebuilds=self.group.num_rebuilds,
+            last_step_all_to_all_s=last.all_to_all_s,
+            last_step_wire_bytes=last.wire_bytes,
+            mean_all_to_all_s_per_step=self.total.all_to_all_s / n,
+            mean_wire_bytes_per_step=self.total.wire_bytes / n,
+            mean_pair_wire_bytes_per_step=self.total.pair_wire_bytes / n,
+            mean_control_overhead_s_per_step=(self.total.step_s - self.total.worker_s) / n,
+        )
 
     def reset_stats(self) -> None:
         """Start the per-step averages afresh (benchmarks: after a warm-up)."""

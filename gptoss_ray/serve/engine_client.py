@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from gptoss_ray.engine_api import EngineInfo, EngineStats
 from gptoss_ray.metrics import ServingMetrics, endpoint_of
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 from gptoss_ray.serve.config import ServeConfig
@@ -43,10 +44,10 @@ class HandleClient:
     async def abort(self, request_id: str) -> None:
         await self._handle.abort.remote(request_id)
 
-    async def stats(self) -> dict:
+    async def stats(self) -> EngineStats:
         return await self._handle.stats.remote()
 
-    async def info(self) -> dict:
+    async def info(self) -> EngineInfo:
         return await self._handle.info.remote()
 
     async def check_health(self) -> None:
@@ -65,10 +66,10 @@ class LocalClient:
     async def abort(self, request_id: str) -> None:
         await self._server.abort(request_id)
 
-    async def stats(self) -> dict:
+    async def stats(self) -> EngineStats:
         return self._server.stats()
 
-    async def info(self) -> dict:
+    async def info(self) -> EngineInfo:
         return self._server.info()
 
     async def check_health(self) -> None:
@@ -123,7 +124,7 @@ class ServingContext:
     async def max_model_len(self) -> int:
         if self._max_model_len is None:
             try:
-                self._max_model_len = int((await self.client.info())["max_model_len"])
+                self._max_model_len = (await self.client.info()).max_model_len
             except Exception as e:  # the LLMServer replica is dead or failed to start
                 logger.warning("engine info unavailable: %r", e)
                 raise OpenAIError(503, "the engine is unavailable", code="engine_unavailable",

@@ -5,21 +5,21 @@ The engine class is injected by import path (`module:Class`), imported only here
 the replica, so the ingress never imports torch and tests can run a real Serve app over
 a scripted engine (gptoss_ray/serve/testing.py).
 
-The engine interface (gptoss_ray.engine.async_engine.AsyncLLMEngine implements it):
-    __init__(config: EngineConfig); max_model_len: int
-    generate(request_id, prompt_token_ids, params) -> AsyncIterator[TokenDelta]
-    abort(request_id) (frees KV blocks at once); stats() -> dict
-    check_health() (raises when dead); shutdown()
+The engine is anything with the `Engine` protocol of gptoss_ray/engine_api.py
+(gptoss_ray.engine.async_engine.AsyncLLMEngine implements it), built from the
+EngineConfig by an `EngineFactory`; stats and info cross the Ray handle as the typed
+`EngineStats` and `EngineInfo`.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from gptoss_ray.config import EngineConfig
+from gptoss_ray.engine_api import Engine, EngineFactory, EngineInfo, EngineStats
 from gptoss_ray.errors import ConfigError
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 from gptoss_ray.serve.config import install_log_level
@@ -27,7 +27,7 @@ from gptoss_ray.serve.config import install_log_level
 logger = logging.getLogger(__name__)
 
 
-def load_engine_factory(spec: str | Callable[[EngineConfig], Any]) -> Callable[[EngineConfig], Any]:
+def load_engine_factory(spec: str | EngineFactory) -> EngineFactory:
     """`module:attr` (a class or factory taking EngineConfig) or the callable itself."""
     if callable(spec):
         return spec
@@ -44,11 +44,11 @@ class LLMServer:
     """Owns the engine; every method here is called through a Serve handle (or directly in tests)."""
 
     def __init__(self, engine_config: dict | EngineConfig,
-                 engine_cls: str | Callable = "gptoss_ray.engine.async_engine:AsyncLLMEngine",
+                 engine_cls: str | EngineFactory = "gptoss_ray.engine.async_engine:AsyncLLMEngine",
                  log_level: str | None = None):
         install_log_level(log_level)
         config = engine_config if isinstance(engine_config, EngineConfig) else EngineConfig.model_validate(engine_config)
-        self.engine = load_engine_factory(engine_cls)(config)
+        self.engine: Engine = load_engine_factory(engine_cls)(config)
         logger.info("LLMServer ready: engine %s, max_model_len %d", engine_cls, self.engine.max_model_len)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
@@ -65,11 +65,11 @@ class LLMServer:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
-    def stats(self) -> dict:
-        return dict(self.engine.stats())
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
 
-    def info(self) -> dict:
-        return {"max_model_len": int(self.engine.max_model_len)}
+    def info(self) -> EngineInfo:
+        return EngineInfo(max_model_len=int(self.engine.max_model_len))
 
     async def check_health(self) -> None:
         """Also Serve's replica health check: a dead engine gets the replica restarted."""

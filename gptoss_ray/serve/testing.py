@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 
 from gptoss_ray.config import EngineConfig
+from gptoss_ray.engine_api import EngineStats
 from gptoss_ray.harmony.encoding import IncrementalDecoder, decode, get_encoding
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 
@@ -118,14 +119,13 @@ class ScriptedEngine:
         if self._held.pop(request_id, None) is not None:
             self._aborted.append(request_id)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         used = sum(self._held.values())
-        return {
-            "num_running": len(self._held), "num_waiting": 0, "kv_usage": used / self.num_total_blocks,
-            "num_free_blocks": self.num_total_blocks - used, "num_total_blocks": self.num_total_blocks,
-            "prefix_cache_hits": 0, "prefix_cache_queries": 0, "num_preemptions": 0,
-            "expert_load": [[self._num_requests, 0], [0, self._num_requests]],
-        }
+        return EngineStats(
+            num_running=len(self._held), num_waiting=0, kv_usage=used / self.num_total_blocks,
+            num_free_blocks=self.num_total_blocks - used, num_total_blocks=self.num_total_blocks,
+            expert_load=[[self._num_requests, 0], [0, self._num_requests]],
+        )
 
     async def check_health(self) -> None:
         if self.dead:

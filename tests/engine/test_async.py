@@ -9,12 +9,9 @@ from support.engine_helpers import make_engine, prompt, run_all
 
 from gptoss_ray.config import EngineConfig
 from gptoss_ray.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from gptoss_ray.engine_api import EngineStats
 from gptoss_ray.errors import SamplingParamsError
 from gptoss_ray.sampling_params import SamplingParams
-
-STATS_KEYS = {"num_running", "num_waiting", "kv_usage", "num_free_blocks", "num_total_blocks",
-              "prefix_cache_hits", "prefix_cache_queries", "num_preemptions", "expert_load"}
-
 
 def config(ckpt, **kw) -> EngineConfig:
     return EngineConfig(**({"model": str(ckpt), "block_size": 4, "num_kv_blocks": 256, "max_model_len": 256} | kw))
@@ -57,19 +54,19 @@ def test_concurrent_requests_match_the_sync_engine(tiny_ckpt):
             assert tokens == expected[(rid, index)]
         assert sum(d.finished for d in deltas) == len(out)
     assert ticks > 10
-    assert set(stats) == STATS_KEYS and stats["num_running"] == 0
-    assert stats["expert_load"] is not None and len(stats["expert_load"]) == 2
+    assert isinstance(stats, EngineStats) and stats.num_running == 0
+    assert stats.expert_load is not None and len(stats.expert_load) == 2
 
 
 def test_abort_ends_the_stream_and_frees_blocks(tiny_ckpt):
     async def main():
         engine = AsyncLLMEngine(config(tiny_ckpt))
-        total = engine.stats()["num_total_blocks"]
+        total = engine.stats().num_total_blocks
         gen = engine.generate("long", prompt(20, seed=1), SamplingParams(max_tokens=200, ignore_eos=True))
         first = await gen.__anext__()
         assert not first.finished
         await engine.abort("long")
-        assert engine.stats()["num_free_blocks"] == total  # freed by the time abort returns
+        assert engine.stats().num_free_blocks == total  # freed by the time abort returns
         rest = [d async for d in gen]
         await engine.shutdown()
         return rest
@@ -91,7 +88,7 @@ def test_consumer_leaving_early_aborts_the_request(tiny_ckpt):
         return stats
 
     stats = asyncio.run(main())
-    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
 
 
 def test_invalid_request_raises_naming_the_param_and_engine_stays_up(tiny_ckpt):

@@ -24,7 +24,7 @@ def test_batch_invariance_16_mixed_lengths(tiny_ckpt):
     for rid, req in requests.items():
         alone = run_all(engine, {rid: req})
         assert alone[(rid, 0)] == together[(rid, 0)], rid
-    assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
 
 
 def test_preemption_finishes_everything_with_identical_output(tiny_ckpt):
@@ -34,9 +34,9 @@ def test_preemption_finishes_everything_with_identical_output(tiny_ckpt):
     small = make_engine(tiny_ckpt, num_kv_blocks=12, max_model_len=48, enable_prefix_caching=False)
     large = make_engine(tiny_ckpt)
     assert run_all(small, requests) == run_all(large, requests)
-    assert small.stats()["num_preemptions"] > 0
-    assert large.stats()["num_preemptions"] == 0
-    assert small.stats()["num_free_blocks"] == 12
+    assert small.stats().num_preemptions > 0
+    assert large.stats().num_preemptions == 0
+    assert small.stats().num_free_blocks == 12
 
 
 def test_seeded_sampling_survives_preemption(tiny_ckpt):
@@ -48,12 +48,12 @@ def test_seeded_sampling_survives_preemption(tiny_ckpt):
     requests = {f"r{i}": (prompt(10 + 3 * i, seed=200 + i), params) for i in range(6)}
     small = make_engine(tiny_ckpt, num_kv_blocks=12, max_model_len=48)
     assert run_all(small, requests) == run_all(make_engine(tiny_ckpt), requests)
-    assert small.stats()["num_preemptions"] > 0
+    assert small.stats().num_preemptions > 0
 
 
 def test_abort_frees_every_block_whether_prefilling_or_decoding(tiny_ckpt):
     engine = make_engine(tiny_ckpt, max_num_batched_tokens=16)
-    total = engine.stats()["num_free_blocks"]
+    total = engine.stats().num_free_blocks
     engine.add_request("decoding", prompt(9, seed=4), SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
     engine.add_request("prefilling", prompt(60, seed=3), SamplingParams(max_tokens=50, ignore_eos=True))
@@ -61,13 +61,13 @@ def test_abort_frees_every_block_whether_prefilling_or_decoding(tiny_ckpt):
         engine.step()
     decoding, prefilling = (engine.requests[r].seqs[0] for r in ("decoding", "prefilling"))
     assert decoding.num_output_tokens >= 2 and 0 < prefilling.num_computed_tokens < 60
-    free, held = engine.stats()["num_free_blocks"], len(prefilling.block_table)
+    free, held = engine.stats().num_free_blocks, len(prefilling.block_table)
     assert held >= 5
     engine.abort_request("prefilling")
-    assert engine.stats()["num_free_blocks"] == free + held
+    assert engine.stats().num_free_blocks == free + held
     engine.abort_request("decoding")
-    assert engine.stats()["num_free_blocks"] == total
-    assert engine.stats()["num_running"] == 0 and not engine.has_unfinished_requests()
+    assert engine.stats().num_free_blocks == total
+    assert engine.stats().num_running == 0 and not engine.has_unfinished_requests()
     engine.step()  # tells the worker to forget them
     assert engine.executor.worker.seqs == {}
 
@@ -77,11 +77,11 @@ def test_abort_waiting_request_never_runs(tiny_ckpt):
     engine.add_request("running", prompt(5, seed=5), SamplingParams(max_tokens=4, ignore_eos=True))
     engine.add_request("waiting", prompt(5, seed=6), SamplingParams(max_tokens=4, ignore_eos=True))
     engine.step()
-    assert engine.stats()["num_waiting"] == 1
+    assert engine.stats().num_waiting == 1
     engine.abort_request("waiting")
     out = drain(engine)
     assert set(out) == {("running", 0)}
-    assert engine.stats()["num_waiting"] == 0
+    assert engine.stats().num_waiting == 0
 
 
 def test_prefix_cache_hit_equals_miss_and_is_counted(tiny_ckpt):
@@ -89,13 +89,13 @@ def test_prefix_cache_hit_equals_miss_and_is_counted(tiny_ckpt):
     a, b = shared + prompt(5, seed=9), shared + prompt(7, seed=10)
     cold = make_engine(tiny_ckpt, enable_prefix_caching=False)
     expected = run_all(cold, {"b": (b, GREEDY)})
-    assert cold.stats()["prefix_cache_hits"] == 0
+    assert cold.stats().prefix_cache_hits == 0
     warm = make_engine(tiny_ckpt)
     run_all(warm, {"a": (a, GREEDY)})
-    hits_before = warm.stats()["prefix_cache_hits"]
+    hits_before = warm.stats().prefix_cache_hits
     assert run_all(warm, {"b": (b, GREEDY)}) == expected
-    assert warm.stats()["prefix_cache_hits"] - hits_before == 24  # six shared 4-token blocks
-    assert warm.stats()["prefix_cache_queries"] == len(a) + len(b)
+    assert warm.stats().prefix_cache_hits - hits_before == 24  # six shared 4-token blocks
+    assert warm.stats().prefix_cache_queries == len(a) + len(b)
 
 
 @pytest.mark.parametrize("changed", [11, 23])  # the last token of the 3rd and the 6th 4-token block
@@ -110,9 +110,9 @@ def test_prefix_cache_tells_apart_prompts_differing_in_a_blocks_last_token(tiny_
     cold = run_all(make_engine(tiny_ckpt, enable_prefix_caching=False), {"b": (b, GREEDY)})
     warm = make_engine(tiny_ckpt)
     run_all(warm, {"a": (a, GREEDY)})
-    before = warm.stats()["prefix_cache_hits"]
+    before = warm.stats().prefix_cache_hits
     assert run_all(warm, {"b": (b, GREEDY)}) == cold
-    assert warm.stats()["prefix_cache_hits"] - before == (changed // 4) * 4
+    assert warm.stats().prefix_cache_hits - before == (changed // 4) * 4
 
 
 def test_chunked_prefill_interleaves_with_decodes(tiny_ckpt):
@@ -151,7 +151,7 @@ def test_n_samples_share_prompt_blocks(tiny_ckpt):
     single = run_all(make_engine(tiny_ckpt), {"r": (tokens, one)})
     assert out[("r", 0)] == out[("r", 1)] == out[("r", 2)] == single[("r", 0)]
     # samples 1 and 2 reuse sample 0's four full prompt blocks (16 tokens) each
-    assert engine.stats()["prefix_cache_hits"] == 2 * 16
+    assert engine.stats().prefix_cache_hits == 2 * 16
 
 
 def test_n_seeded_samples_differ_and_reproduce(tiny_ckpt):
@@ -199,7 +199,7 @@ def test_lost_workers_fail_running_requests_and_the_engine_recovers(tiny_ckpt):
     finish = {d.request_id: d.finish_reason for d in deltas if d.finished}
     assert finish == {"r0": "error", "r1": "error", "r2": "length"}  # r2 was waiting: it survives
     assert out[("r2", 0)] == expected[("r2", 0)]
-    assert engine.stats()["num_free_blocks"] == engine.stats()["num_total_blocks"]
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
     assert run_all(engine, {"again": requests["r0"]})[("again", 0)] == expected[("r0", 0)]
 
 

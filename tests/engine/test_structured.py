@@ -136,7 +136,7 @@ def test_preemption_rebuilds_the_matcher_instead_of_advancing_it_twice(tiny_ckpt
     requests = {f"r{i}": (prompt(8 + 3 * i, seed=300 + i), params) for i in range(6)}
     small = make_engine(tiny_ckpt, num_kv_blocks=12, max_model_len=48, enable_prefix_caching=False)
     out_small = run_all(small, requests)
-    assert small.stats()["num_preemptions"] > 0
+    assert small.stats().num_preemptions > 0
     assert out_small == run_all(make_engine(tiny_ckpt), requests)
     for tokens in out_small.values():  # every output is still a prefix the grammar accepts
         assert not GrammarState.start(g, tokens).broken

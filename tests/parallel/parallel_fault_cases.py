@@ -45,7 +45,7 @@ def test_lost_worker_fails_in_flight_requests_then_recovers(tiny_moe_ckpt, refer
         assert not engine.executor.group.is_running  # torn down, not left half-alive
         outputs, _ = generate(engine, [PROMPTS[3]], tag="after")
         assert outputs["after0"][0] == reference["outputs"]["r3"][0][:4]
-        assert engine.executor.stats()["num_rebuilds"] == 1
+        assert engine.executor.stats().num_rebuilds == 1
         assert victim not in engine.executor.worker_pids()
     finally:
         if victim is not None and sig == signal.SIGSTOP:
@@ -60,7 +60,7 @@ def test_worker_dying_while_idle_is_replaced_by_the_health_check(tiny_moe_ckpt, 
         victim = engine.executor.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
         engine.executor.check_health()  # what Serve calls periodically
-        assert engine.executor.stats()["num_rebuilds"] == 1
+        assert engine.executor.stats().num_rebuilds == 1
         assert victim not in engine.executor.worker_pids()
         outputs, _ = generate(engine, PROMPTS[:1], tag="next")
         assert outputs["next0"][0] == reference["outputs"]["r0"][0]

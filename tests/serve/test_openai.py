@@ -332,7 +332,7 @@ def test_disconnect_mid_stream_aborts(app):
     wait_for(lambda: request_id in debug(app, "aborted"), "engine.abort after the client left")
     assert request_id not in debug(app, "finished")
     stats = app[1].stats.remote().result()
-    assert stats["num_free_blocks"] == stats["num_total_blocks"] and stats["num_running"] == 0
+    assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0
 
 
 def test_disconnect_while_waiting_for_a_whole_reply_aborts(app):

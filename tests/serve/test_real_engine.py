@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from gptoss_ray.engine_api import EngineStats
 from gptoss_ray.harmony.encoding import decode
 from gptoss_ray.harmony.render import encode_text, render_chat
 from gptoss_ray.serve.testing import local_serve_app
@@ -63,7 +64,7 @@ def test_completions_on_token_ids(client):
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
 
 
-def stats(app) -> dict:
+def stats(app) -> EngineStats:
     return app[1].stats.remote().result()
 
 
@@ -74,7 +75,7 @@ def aborted(app) -> float:
 
 def test_disconnect_mid_stream_frees_kv_blocks(app):
     idle, aborted_before = stats(app), aborted(app)
-    assert idle["num_free_blocks"] == idle["num_total_blocks"]
+    assert idle.num_free_blocks == idle.num_total_blocks
     # 3500 tokens would take minutes on this CPU: blocks freed in the wait below were freed by the abort.
     # min_tokens bans the harmony stop tokens (<|return|>, <|call|>) that the random model
     # may sample at any step (ignore_eos alone leaves them in force), so the stream is long.
@@ -85,11 +86,11 @@ def test_disconnect_mid_stream_frees_kv_blocks(app):
         events = [line for line in (next(lines) for _ in range(12)) if line.startswith("data: ")]
         busy = stats(app)  # mid-generation: the request holds blocks
         assert json.loads(events[0][6:])["object"] == "chat.completion.chunk"
-    assert busy["num_running"] == 1 and busy["num_free_blocks"] < busy["num_total_blocks"]
+    assert busy.num_running == 1 and busy.num_free_blocks < busy.num_total_blocks
     end = time.monotonic() + 30  # bounds a hang only; the abort itself is immediate
     while time.monotonic() < end:
         now = stats(app)
-        if now["num_running"] == 0 and now["num_free_blocks"] == now["num_total_blocks"]:
+        if now.num_running == 0 and now.num_free_blocks == now.num_total_blocks:
             break
         time.sleep(0.1)
     else:
