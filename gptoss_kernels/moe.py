@@ -120,3 +120,32 @@ def _moe_experts_grouped(x, expert_ids, weights, w: ExpertWeights, alpha: float,
     out = torch.empty_like(x)
     out[order] = (y * weights[order, None].to(dtype)).to(x.dtype)
     return out
+
+
+def moe_experts_dense(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_linear,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> torch.Tensor:
+    """Every token through every local expert, the K chosen ones weighted, the rest by 0:
+    x [T, H], topk_ids [T, K] (local), topk_weights [T, K] -> [T, H].
+
+    For CPU decode steps, where T*K pairs spread over all E experts 1-4 rows each: the
+    grouped matmul then loops over E experts with a few rows apiece, while reading every
+    expert's weights anyway. Here gate_up is one [T, H] x [H, E*2I] GEMM
+    (`gate_up_linear(x)` -> [T, E*2I] with bias, a pre-packed oneDNN weight on CPU), down
+    one batched matmul, and the K-way combine a weighted sum over E: three big calls for
+    E/K times the flops of the pairs, which costs nothing extra while the weights' bytes
+    bound the step. Unchosen experts' outputs are finite (SwiGLU clamps), so their zero
+    weight removes them exactly."""
+    t, e = x.shape[0], down_weight.shape[0]
+    h = gate_up_linear(x).view(t, e, -1)  # [T, E, 2I]
+    act = swiglu(h, alpha, limit).transpose(0, 1)  # [E, T, I]
+    y = torch.baddbmm(down_bias[:, None, :].to(act.dtype), act, down_weight.transpose(1, 2).to(act.dtype))  # [E, T, H]
+    dense_w = torch.zeros(t, e, dtype=y.dtype, device=x.device).scatter_(1, topk_ids, topk_weights.to(y.dtype))
+    return torch.einsum("te,eth->th", dense_w, y).to(x.dtype)

@@ -108,7 +108,13 @@ class Worker:
         self.model = self.load_model()
         if should_dequantize(config.dequantize_experts, self.device, self.model):
             self.model.dequantize_experts()
+        if self.device.type == "cpu":
+            packed = self.model.pack_for_cpu()
+            if packed:
+                logger.info("packed bf16 weights for oneDNN: %s", ", ".join(packed))
         self.model_config = self.model.config
+        # positions past the model's own limit (an allowed long max_model_len) still find a rope row
+        self.model.rope.max_positions = max(self.model.rope.max_positions, config.max_model_len)
         for moe in self.model.moe_layers():  # a bincount per layer per step, for the expert-load metric
             moe.record_expert_load = True
         self.vocab_size = self.model_config.vocab_size
@@ -282,8 +288,10 @@ class Worker:
         for kind, table in self.block_tables.items():
             tables[kind] = table[rows_t, :max_blocks]  # [B, MB]
             slots[kind] = table[token_rows, token_cols].long() * bs + offsets  # [T]
+        # A decode token's own block always exists (attention reads the token back), so a
+        # pure decode step writes KV without the -1 mask and its boolean-index sync.
         attn = AttentionMetadata(cu_seqlens_q=to_dev(cu, torch.int32), context_lens=to_dev(context, torch.int32),
-                                 slot_mapping=slots, block_tables=tables)
+                                 slot_mapping=slots, block_tables=tables, all_slots_valid=len(n) == cu[-1])
         return attn, to_dev(positions), to_dev(cu[1:] - 1)
 
     # --- introspection ----------------------------------------------------------------------------

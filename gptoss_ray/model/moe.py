@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from gptoss_kernels.mxfp4 import dequantize_mxfp4
+from gptoss_kernels import onednn
+from gptoss_kernels.moe import moe_experts_dense
 from gptoss_kernels.ops import ExpertWeights, moe_experts, use_triton
 from gptoss_kernels.routing import topk_softmax
 from gptoss_ray.config import ModelConfig
@@ -67,6 +69,32 @@ class LocalExperts(nn.Module):
             del self._buffers[f"{proj}_blocks"], self._buffers[f"{proj}_scales"]
             self.register_buffer(f"{proj}_weight", dense)
 
+    def pack_for_cpu(self) -> bool:
+        """Where oneDNN packs bf16 weights (a CPU with AVX512-BF16/AMX) and the experts are
+        plain bf16: keep gate_up also as one packed [E*2I, H] GEMM weight (+ its share of
+        memory) for `forward_dense`. Returns whether it did."""
+        w = getattr(self, "gate_up_weight", None)
+        if w is None or not onednn.can_pack(w):
+            return False
+        self._gate_up_packed = onednn.pack_weight(w.reshape(-1, w.shape[-1]))
+        self._gate_up_bias_flat = self.gate_up_bias.reshape(-1)
+        return True
+
+    def use_dense(self, num_tokens: int, top_k: int) -> bool:
+        """The dense path pays where pairs cover most experts a few rows each (E..4E pairs:
+        decode batches); below, it would read experts nobody chose; above, its E/K extra flops
+        show (measured: benchmarks/RESULTS.md, 'CPU decode step')."""
+        e = self.end - self.start
+        return hasattr(self, "_gate_up_packed") and e <= num_tokens * top_k <= 4 * e
+
+    def forward_dense(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_ids [T, K] global ids (all local), topk_weights [T, K] -> [T, H], summed over K."""
+        def gate_up(a):
+            return onednn.packed_linear(a, self._gate_up_packed, self._gate_up_bias_flat)
+
+        return moe_experts_dense(x, topk_ids - self.start, topk_weights, gate_up, self.down_weight, self.down_bias,
+                                 self.alpha, self.limit)
+
     def forward_pairs(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], expert_ids [N] global ids in [start, end), weights [N] -> weighted outputs [N, H]."""
         return moe_experts(x, expert_ids - self.start, weights, self.weights(), self.alpha, self.limit)
@@ -81,6 +109,8 @@ class Dispatcher(Protocol):
 def local_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
     """All experts are here: compute the T*K pairs and sum each token's K outputs."""
     t, k = topk_ids.shape
+    if experts.use_dense(t, k):
+        return experts.forward_dense(x, topk_ids, topk_weights)
     rows = torch.arange(t, device=x.device).repeat_interleave(k)  # [N]: the token of each pair
     out = experts.forward_pairs(x[rows], topk_ids.reshape(-1), topk_weights.reshape(-1))  # [N, H]
     return out.view(t, k, x.shape[-1]).sum(dim=1)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptoss_kernels import onednn
 from gptoss_ray.config import ModelConfig
 from gptoss_ray.model.attention import Attention, AttentionMetadata
 from gptoss_ray.model.moe import MoE
@@ -86,6 +87,18 @@ class GptOssModel(nn.Module):
         for moe in self.moe_layers():
             moe.experts.dequantize_()
 
+    def pack_for_cpu(self) -> list[str]:
+        """On a CPU with bf16 matmul units, pre-pack the bf16 weights the decode step reads
+        most (the unembedding, and the experts' gate_up for the dense decode path) in
+        oneDNN's layout (see gptoss_kernels.onednn). Returns what was packed."""
+        packed = []
+        if onednn.can_pack(self.lm_head.weight):
+            self._lm_head_packed = onednn.pack_weight(self.lm_head.weight)
+            packed.append("lm_head")
+        if any([moe.experts.pack_for_cpu() for moe in self.moe_layers()]):
+            packed.append("experts.gate_up")
+        return packed
+
     @torch.inference_mode()
     def forward(
         self,
@@ -104,4 +117,7 @@ class GptOssModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] float32 logits."""
+        packed = getattr(self, "_lm_head_packed", None)
+        if packed is not None and hidden.shape[0] > 0:
+            return onednn.packed_linear(hidden, packed).float()
         return self.lm_head(hidden).float()

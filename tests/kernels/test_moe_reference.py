@@ -86,3 +86,45 @@ def test_bf16_activations_with_float32_experts_round_only_the_output(rows_per_ex
     assert out.dtype == torch.bfloat16
     exact = per_pair(x, ids, weights.to(torch.bfloat16), w)
     torch.testing.assert_close(out, exact.to(torch.bfloat16), rtol=8e-3, atol=1e-5)
+
+
+def _per_token(x, topk_ids, topk_weights, w: ExpertWeights) -> torch.Tensor:
+    """Each token's K pairs from the definition, summed (float64)."""
+    t, k = topk_ids.shape
+    pairs = per_pair(x.repeat_interleave(k, 0), topk_ids.reshape(-1), topk_weights.reshape(-1), w)
+    return pairs.view(t, k, -1).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_path_equals_the_definition(dtype):
+    """Every token through every expert, unchosen ones weighted 0: the same sums as the K
+    chosen pairs (12 tokens, top-3 of 8 experts; expert 5 chosen by nobody)."""
+    gen = torch.Generator().manual_seed(1)
+    w = plain_experts(8, 64, 32, dtype, gen)
+    x = torch.randn(12, 64, generator=gen).to(dtype)
+    scores = torch.randn(12, 8, generator=gen)
+    scores[:, 5] = -1e9
+    topk_ids = scores.topk(3, dim=-1).indices
+    topk_weights = torch.softmax(torch.randn(12, 3, generator=gen), -1)
+    flat_w, flat_b = w.gate_up_weight.reshape(-1, 64), w.gate_up_bias.reshape(-1)
+    got = moe.moe_experts_dense(x, topk_ids, topk_weights, lambda a: torch.nn.functional.linear(a, flat_w, flat_b),
+                                w.down_weight, w.down_bias)
+    want = _per_token(x, topk_ids, topk_weights, w)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_packed_bf16_linear_is_the_same_linear():
+    """oneDNN's pre-packed weight computes what F.linear does, bit for bit here."""
+    from gptoss_kernels import onednn
+
+    if not onednn.bf16_packing_available():
+        pytest.skip("this CPU has no oneDNN bf16 support")
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(300, 64, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(300, generator=gen).to(torch.bfloat16)
+    packed = onednn.pack_weight(weight)
+    for rows in (1, 5, 64):
+        x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+        want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+        torch.testing.assert_close(onednn.packed_linear(x, packed, bias).float(), want, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,53 @@
+"""The CPU fast paths of a bf16 model (oneDNN pre-packed unembedding and expert gate_up,
+the dense decode experts) compute the same step as the plain model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss_kernels import onednn
+from gptoss_ray.model.attention import allocate_kv_cache, contiguous_metadata
+from gptoss_ray.model.loader import load_model
+
+pytestmark = pytest.mark.skipif(not onednn.bf16_packing_available(), reason="no oneDNN bf16 on this CPU")
+BLOCK = 4
+
+
+def _bf16_plain_experts(path):
+    model = load_model(path, dtype=torch.bfloat16)
+    model.dequantize_experts()  # float32 on CPU; the peer checkpoints ship plain bf16 experts instead
+    for moe in model.moe_layers():
+        for name in ("gate_up_weight", "down_weight"):
+            setattr(moe.experts, name, getattr(moe.experts, name).to(torch.bfloat16))
+    return model
+
+
+def _decode_logits(model, batch: int) -> torch.Tensor:
+    """Prefill `batch` 9-token prompts, then one decode step of all of them: its logits."""
+    max_blocks = 4
+    kv = allocate_kv_cache(model.config, {"full_attention": batch * max_blocks, "sliding_attention": batch * max_blocks},
+                           BLOCK, model.dtype)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 200_000, (batch * 9,), generator=gen)
+    model(ids, torch.arange(9).repeat(batch), contiguous_metadata([9] * batch, [9] * batch, BLOCK, max_blocks), kv)
+    step = torch.randint(0, 200_000, (batch,), generator=gen)
+    hidden = model(step, torch.full((batch,), 9), contiguous_metadata([1] * batch, [10] * batch, BLOCK, max_blocks), kv)
+    return model.compute_logits(hidden)
+
+
+def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt):
+    """bf16 rounds in another order on the packed path, so it is held to the float32 model:
+    no further from it than the plain bf16 model is, and the same greedy tokens."""
+    exact = load_model(tiny_ckpt, dtype=torch.float32)
+    exact.dequantize_experts()
+    model = _bf16_plain_experts(tiny_ckpt)
+    batch = 8  # 32 (token, expert) pairs over 8 experts: the dense expert path
+    want = _decode_logits(exact, batch)
+    plain = _decode_logits(model, batch)
+    assert model.pack_for_cpu() == ["lm_head", "experts.gate_up"]
+    assert all(moe.experts.use_dense(batch, moe.top_k) for moe in model.moe_layers())
+    packed = _decode_logits(model, batch)
+    plain_err, packed_err = (plain - want).abs().max(), (packed - want).abs().max()
+    assert packed_err <= 1.5 * plain_err, (packed_err, plain_err)
+    assert torch.equal(packed.argmax(-1), want.argmax(-1))
