@@ -57,6 +57,12 @@ class FixedLogitsModel(nn.Module):
     def moe_layers(self):
         return []
 
+    def pack_for_cpu(self):
+        return []
+
+    def reserve_positions(self, n):
+        pass
+
 
 class TimedSampler(Sampler):
     def __init__(self, inner: Sampler, times: list[float]):

@@ -113,8 +113,7 @@ class Worker:
             if packed:
                 logger.info("packed bf16 weights for oneDNN: %s", ", ".join(packed))
         self.model_config = self.model.config
-        # positions past the model's own limit (an allowed long max_model_len) still find a rope row
-        self.model.rope.max_positions = max(self.model.rope.max_positions, config.max_model_len)
+        self.model.reserve_positions(config.max_model_len)
         for moe in self.model.moe_layers():  # a bincount per layer per step, for the expert-load metric
             moe.record_expert_load = True
         self.vocab_size = self.model_config.vocab_size

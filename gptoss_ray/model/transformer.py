@@ -87,6 +87,10 @@ class GptOssModel(nn.Module):
         for moe in self.moe_layers():
             moe.experts.dequantize_()
 
+    def reserve_positions(self, n: int) -> None:
+        """Rope rows for positions up to n (an allowed max_model_len past the model's own limit)."""
+        self.rope.max_positions = max(self.rope.max_positions, n)
+
     def pack_for_cpu(self) -> list[str]:
         """On a CPU with bf16 matmul units, pre-pack the bf16 weights the decode step reads
         most (the unembedding, and the experts' gate_up for the dense decode path) in
