@@ -66,8 +66,9 @@ class Engine(Protocol):
         """Deltas of every sample until all have finished; leaving early aborts the request."""
         ...
 
-    async def abort(self, request_id: str) -> None:
-        """Stop a request; its KV blocks are free when this returns."""
+    async def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request, or only its sample `index` (one the output processor ended on a
+        stop string); its KV blocks are free when this returns."""
         ...
 
     def stats(self) -> EngineStats: ...

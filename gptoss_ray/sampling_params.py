@@ -21,6 +21,10 @@ SEED_RANGE = (-(2**63), 2**63 - 1)
 MAX_LOGIT_BIAS = 1024
 MAX_TOKEN_ID = 1 << 24
 MAX_GRAMMAR_CHARS = 1 << 20  # an llguidance grammar (a schema is bounded far below this by the API)
+# Stop strings are matched on every new piece of text against a window as long as the
+# longest one (gptoss_ray/output/stop.py): bounding them bounds the cost per token.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
 
 
 def _is_int(x: object) -> bool:
@@ -97,6 +101,9 @@ class SamplingParams:
              f"must map at most {MAX_LOGIT_BIAS} token ids to biases in [-100, 100]"),
             ("grammar", self.grammar is None or (isinstance(self.grammar, str) and 0 < len(self.grammar) <= MAX_GRAMMAR_CHARS),
              f"must be a non-empty grammar of at most {MAX_GRAMMAR_CHARS} characters"),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"allows at most {MAX_STOP_STRINGS} strings"),
+            ("stop", all(not isinstance(s, str) or len(s) <= MAX_STOP_CHARS for s in self.stop),
+             f"strings must be at most {MAX_STOP_CHARS} characters long"),
         ]
         for name, ok, why in checks:
             if not ok:

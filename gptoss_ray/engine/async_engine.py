@@ -92,10 +92,10 @@ class AsyncLLMEngine:
             if remaining:  # the consumer left early
                 self._send("abort", request_id)
 
-    async def abort(self, request_id: str) -> None:
-        """Stop a request; its blocks are free when this returns."""
+    async def abort(self, request_id: str, index: int | None = None) -> None:
+        """Stop a request (or its sample `index`); its blocks are free when this returns."""
         if self._error is None and not self._stopping:
-            await self._call("abort", request_id)
+            await self._call("abort", request_id, index)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -177,7 +177,7 @@ class AsyncLLMEngine:
                 if kind == "add":
                     self.engine.add_request(request_id, *args)
                 else:
-                    self._deliver(self.engine.abort_request(request_id))
+                    self._deliver(self.engine.abort_request(request_id, *args))
                 future.set_result(None)
             except Exception as e:
                 future.set_exception(e)

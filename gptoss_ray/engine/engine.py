@@ -4,8 +4,11 @@
 
 The scheduler decides which sequences compute how many tokens on which rank and keeps
 the block tables; the workers own the model, the KV tensors and the sampler and return
-sampled token ids (never logits); postprocess appends tokens, checks stop conditions,
-frees finished sequences' blocks and emits TokenDeltas. Single-threaded: AsyncLLMEngine
+sampled token ids (never logits); postprocess appends tokens, checks the stop conditions
+that token ids show (stop token ids, EOS, min_tokens, lengths), frees finished sequences'
+blocks and emits TokenDeltas. Text is not the engine's business: detokenizing and stop
+strings happen in the output processor (gptoss_ray/output/), which aborts a sample
+whose text hit a stop string. Single-threaded: AsyncLLMEngine
 runs `step()` in a background thread, LLM calls it in a loop.
 """
 
@@ -20,7 +23,6 @@ from gptoss_ray.config import HARMONY_STOP_TOKEN_IDS, EngineConfig, ModelConfig,
 from gptoss_ray.engine.executor import Executor, InProcessExecutor
 from gptoss_ray.engine.kv_cache import KVCacheManager, plan_num_blocks, sliding_blocks_needed
 from gptoss_ray.engine.memory import kv_cache_bytes
-from gptoss_ray.engine.output import StopChecker, harmony_decoder
 from gptoss_ray.engine.plan import SLIDING, StepResult
 from gptoss_ray.engine.scheduler import Scheduler
 from gptoss_ray.engine.sequence import Request, Sequence
@@ -96,7 +98,7 @@ class LLMEngine:
                    for _ in range(config.ep_size)]
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_prefix_caching)
-        self.stops = StopChecker(eos_token_ids(self.model_config), self.max_model_len, harmony_decoder())
+        self.eos_token_ids = frozenset(eos_token_ids(self.model_config))
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}
         self.expert_load: list[list[int]] | None = None
@@ -114,14 +116,13 @@ class LLMEngine:
 
     def _add_seq(self, req: Request, index: int, rank_hint: int = -1) -> None:
         p, num_prompt = req.params, len(req.prompt_token_ids)
-        eos = frozenset() if p.ignore_eos else self.stops.eos_token_ids
+        eos = frozenset() if p.ignore_eos else self.eos_token_ids
         seq = Sequence(request_id=req.request_id, token_ids=list(req.prompt_token_ids),
                        num_prompt_tokens=num_prompt, params=p, index=index, rank_hint=rank_hint,
-                       logprobs=[] if p.logprobs is not None else None,
                        stop_ids=frozenset(p.stop_token_ids) | eos,
                        max_output_tokens=min(p.max_tokens or self.max_model_len, self.max_model_len - num_prompt),
                        spawn_pending=index == 0 and p.n > 1)
-        seq.fast_path = not (p.stop or seq.logprobs is not None or seq.spawn_pending or p.prompt_logprobs is not None)
+        seq.fast_path = not (p.logprobs is not None or seq.spawn_pending or p.prompt_logprobs is not None)
         req.seqs.append(seq)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq, front=index > 0)  # later samples of an old request go first
@@ -147,8 +148,6 @@ class LLMEngine:
             raise SamplingParamsError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         if params.grammar is not None:
             self._check_grammar(params.grammar)
-        if params.stop and self.stops.decode is None:
-            raise SamplingParamsError("stop strings need the harmony tokenizer, which is unavailable", param="stop")
 
     def _check_grammar(self, grammar: str) -> None:
         """Compile once here (cached by hash), so a bad grammar is an error now, not a failed step."""
@@ -162,10 +161,19 @@ class LLMEngine:
         except GrammarError as e:
             raise SamplingParamsError(str(e), param=e.param or "grammar") from None
 
-    def abort_request(self, request_id: str) -> list[TokenDelta]:
-        """Stop a request now: its sequences leave the queues and their blocks are freed.
+    def abort_request(self, request_id: str, index: int | None = None) -> list[TokenDelta]:
+        """Stop a request (or only its sample `index`, which the output processor ended
+        on a stop string) now: its sequences leave the queues and their blocks are freed.
         Returns a final "abort" delta for each sample that had not finished."""
-        return self._end_request(request_id, "abort")
+        if index is None:
+            return self._end_request(request_id, "abort")
+        req = self.requests.get(request_id)
+        seq = next((s for s in req.seqs if s.index == index), None) if req is not None else None
+        if seq is None or seq.is_finished:  # finished meanwhile (or never started: nothing to stop)
+            return []
+        seq.finish_reason = "abort"
+        return [self._finish_seq(seq, req, TokenDelta(request_id, index, finish_reason="abort",
+                                                      num_prompt_tokens=seq.num_prompt_tokens))]
 
     def _end_request(self, request_id: str, reason: str, error: str | None = None) -> list[TokenDelta]:
         req = self.requests.pop(request_id, None)
@@ -241,44 +249,50 @@ class LLMEngine:
                 seq.token_ids.append(token)
                 num_out = len(seq.token_ids) - seq.num_prompt_tokens
                 if seq.fast_path and token not in seq.stop_ids and num_out < seq.max_output_tokens:
-                    # The common case, kept lean: nothing ends the sequence, nothing is held back.
-                    seq.num_emitted = num_out
+                    # The common case, kept lean: nothing ends the sequence.
                     deltas.append(TokenDelta(seq.request_id, seq.index, [token],
                                              num_prompt_tokens=seq.num_prompt_tokens,
                                              num_cached_tokens=seq.num_cached_tokens))
                 else:
-                    delta = self._append_token(seq, lp)
-                    if delta.token_ids or delta.finished:
-                        deltas.append(delta)
+                    deltas.append(self._append_token(seq, lp))
         return deltas
 
     def _append_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> TokenDelta:
-        """Everything beyond the fast path: logprobs, n>1, stop conditions, held-back tokens."""
-        if seq.logprobs is not None:
-            seq.logprobs.append(logprobs)
+        """Everything beyond the fast path: logprobs, n>1, stop conditions."""
         req = self.requests[seq.request_id]
         if seq.spawn_pending:  # sample 0's prompt is in the cache now: start the others
             seq.spawn_pending = False
-            seq.fast_path = not seq.params.stop and seq.logprobs is None and seq.params.prompt_logprobs is None
+            seq.fast_path = seq.params.logprobs is None and seq.params.prompt_logprobs is None
             req.children_spawned = True
             for index in range(req.params.n - 1, 0, -1):
                 self._add_seq(req, index, rank_hint=seq.rank)
             req.seqs.sort(key=lambda s: s.index)
-        visible = max(seq.num_emitted, self.stops.check(seq))
-        start, seq.num_emitted = seq.num_emitted, visible
-        out = seq.num_prompt_tokens
+        self._check_stop(seq)
         delta = TokenDelta(
-            request_id=seq.request_id, index=seq.index, token_ids=seq.token_ids[out + start : out + visible],
-            logprobs=seq.logprobs[start:visible] if seq.logprobs is not None else None,
+            request_id=seq.request_id, index=seq.index, token_ids=seq.token_ids[-1:],
+            logprobs=[logprobs] if seq.params.logprobs is not None else None,
             finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
             num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-            prompt_logprobs=req.prompt_logprobs if start == 0 else None,  # with the first delta sent
+            prompt_logprobs=req.prompt_logprobs if seq.num_output_tokens == 1 else None,  # with the first delta
         )
-        if seq.finish_reason is not None:
-            self.scheduler.finish(seq)
-            self.seqs.pop(seq.seq_id, None)
-            if req.is_finished:
-                del self.requests[seq.request_id]
+        return self._finish_seq(seq, req, delta) if seq.finish_reason is not None else delta
+
+    def _check_stop(self, seq: Sequence) -> None:
+        """Set the finish reason if the token just appended ends `seq`: a stop token id or
+        EOS (once min_tokens are out), or a length limit. Stop strings are matched on
+        text, by the output processor."""
+        token, num_out = seq.token_ids[-1], seq.num_output_tokens
+        if token in seq.stop_ids and num_out >= seq.params.min_tokens:
+            seq.finish_reason = "stop"
+            seq.stop_reason = token if token in seq.params.stop_token_ids else None
+        elif num_out >= seq.max_output_tokens:
+            seq.finish_reason = "length"
+
+    def _finish_seq(self, seq: Sequence, req: Request, delta: TokenDelta) -> TokenDelta:
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
+        if req.is_finished:
+            del self.requests[seq.request_id]
         return delta
 
     # --- introspection -----------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
     llm = LLM(model="openai/gpt-oss-20b", dtype="bfloat16")
     outs = llm.generate(prompt_token_ids=[[...], [...]], sampling_params=SamplingParams(max_tokens=12))
-    outs[0].outputs[0].token_ids, outs[0].outputs[0].logprobs
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].logprobs
 
-All prompts go to the engine at once and share its steps (continuous batching).
+All prompts go to the engine at once and share its steps (continuous batching). The
+engine's deltas go through the same output processor as the server's (gptoss_ray/output/):
+text, stop strings, finish reasons; a sample that hits a stop string is aborted in the
+engine before the next step.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from pydantic import ValidationError
 from gptoss_ray.config import EngineConfig
 from gptoss_ray.engine.engine import LLMEngine
 from gptoss_ray.errors import ConfigError, SamplingParamsError
+from gptoss_ray.output import OutputProcessor
 from gptoss_ray.sampling_params import SamplingParams
 
 
 @dataclass
 class CompletionOutput:
     index: int  # which of the n samples
-    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # the decoded output, cut before a stop string (special tokens as skip_special_tokens says)
+    token_ids: list[int] = field(default_factory=list)  # up to the one that completed a stop string
     logprobs: list[dict[int, float]] | None = None  # per token: id -> logprob, the sampled one included
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or string that ended it
@@ -69,27 +74,41 @@ class LLM:
             raise SamplingParamsError(
                 f"got {len(params)} sampling_params for {len(prompts)} prompts", param="sampling_params")
         results: dict[str, RequestOutput] = {}
+        processors: dict[str, OutputProcessor] = {}
+        texts: dict[tuple[str, int], list[str]] = {}
         try:
             for prompt, p in zip(prompts, params):
                 rid = f"llm-{next(self._ids)}"
                 self.engine.add_request(rid, prompt, p)
                 results[rid] = RequestOutput(rid, prompt, [CompletionOutput(i) for i in range(p.n)])
+                processors[rid] = OutputProcessor(p)
             while self.engine.has_unfinished_requests():
+                to_abort = []
                 for delta in self.engine.step():
-                    out = results[delta.request_id]
-                    sample = out.outputs[delta.index]
-                    sample.token_ids.extend(delta.token_ids)
-                    if delta.logprobs is not None:
+                    out = processors[delta.request_id].process(delta)
+                    if out is None:  # after a stop string: the engine's last delta of that sample
+                        continue
+                    result = results[delta.request_id]
+                    sample = result.outputs[out.index]
+                    sample.token_ids.extend(out.token_ids)
+                    texts.setdefault((delta.request_id, out.index), []).append(out.text)
+                    if out.logprobs is not None:
                         sample.logprobs = sample.logprobs if sample.logprobs is not None else []
-                        sample.logprobs.extend(delta.logprobs)
-                    out.num_cached_tokens = max(out.num_cached_tokens, delta.num_cached_tokens)
-                    if delta.prompt_logprobs is not None:
-                        out.prompt_logprobs = delta.prompt_logprobs
-                    if delta.finished:
-                        sample.finish_reason, sample.stop_reason = delta.finish_reason, delta.stop_reason
+                        sample.logprobs.extend(entry for _, entry in out.logprobs)
+                    result.num_cached_tokens = max(result.num_cached_tokens, out.num_cached_tokens)
+                    if out.prompt_logprobs is not None:
+                        result.prompt_logprobs = out.prompt_logprobs
+                    if out.finished:
+                        sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+                    if out.abort:
+                        to_abort.append((delta.request_id, out.index))
+                for rid, index in to_abort:  # vLLM's reqs_to_abort: stopped on text, stop computing it
+                    self.engine.abort_request(rid, index)
         finally:  # an error (or Ctrl-C) must not leave requests holding blocks
             for rid in results:
                 self.engine.abort_request(rid)
+        for (rid, index), parts in texts.items():
+            results[rid].outputs[index].text = "".join(parts)
         return list(results.values())
 
     def shutdown(self) -> None:

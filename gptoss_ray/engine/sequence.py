@@ -44,15 +44,12 @@ class Sequence:
     num_sliding_freed: int = 0  # leading sliding_table entries already recycled (-1)
     block_hashes: list[int] = field(default_factory=list)  # hash of each full block of token_ids
     num_registered_blocks: int = 0  # full blocks already entered in the prefix cache
-    logprobs: list[dict[int, float]] | None = None  # one dict per output token when asked for
     # Precomputed for the per-token fast path: tokens that may end the sequence (stop ids,
     # EOS unless ignored) and the output length at which it ends.
     stop_ids: frozenset[int] = frozenset()
     max_output_tokens: int = 1 << 62
     spawn_pending: bool = False  # sample 0 of an n>1 request whose other samples wait for its prefill
-    fast_path: bool = True  # no stop strings, logprobs or pending samples: only stop_ids / length can end it
-    num_emitted: int = 0  # output tokens already handed to the caller
-    text_offsets: list[int] = field(default_factory=list)  # stop strings: text length after each output token
+    fast_path: bool = True  # no logprobs or pending samples: only stop_ids / length can end it
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
 

@@ -10,9 +10,12 @@ can never fail on what the model wrote:
   next `<|start|>` if the model gets back on track.
 - A stop in the middle of a message (max_tokens, stop string) keeps what was parsed; a
   header cut short is dropped.
-- Stop strings: text that may be the start of a stop string is held back until it is
-  known not to be one, and the text is cut where a stop string begins, so streamed and
-  non-streamed replies agree.
+- Each token is classified as part of the reply's text or not (`token_is_content`, what
+  chat `logprobs.content` lists). Header tokens wait for the header's fate: when they
+  turn out to be plain text (output without a harmony header), they count as content.
+
+Stop strings are not matched here: the output processor (gptoss_ray/output/) cuts the
+content this parser yields.
 """
 
 from __future__ import annotations
@@ -59,76 +62,55 @@ class ToolCall:
 
 
 @dataclass
-class StopFilter:
-    """Holds back text that could begin a stop string; cuts at a complete one."""
-
-    stops: Sequence[str]
-    text: str = ""  # everything received
-    sent: int = 0  # characters of `text` already released
-    hit: bool = False  # a stop string was found: nothing more is released
-
-    def push(self, piece: str) -> str:
-        if self.hit:
-            return ""
-        self.text += piece
-        cut = min((i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            self.hit = True
-            out, self.sent = self.text[self.sent:cut], cut
-            return out
-        safe = len(self.text)
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
-                    break
-        out, self.sent = self.text[self.sent:safe], max(self.sent, safe)
-        return out
-
-    def flush(self) -> str:
-        """At the end: release the held-back tail (it never became a stop string)."""
-        if self.hit:
-            return ""
-        out, self.sent = self.text[self.sent:], len(self.text)
-        return out
-
-
-@dataclass
 class HarmonyStreamParser:
     """Parse one choice's generated tokens incrementally. Never raises on model output."""
 
-    stop: Sequence[str] = ()  # stop strings, applied to reasoning and content text
-    reasoning: str = ""  # analysis channel text so far
-    content: str = ""  # final channel text so far (plus fallback text of malformed output)
     tool_calls: list[ToolCall] = field(default_factory=list)
     num_tokens: int = 0  # tokens fed
     num_reasoning_tokens: int = 0  # tokens fed while inside an analysis message
     malformed: bool = False  # the output broke the harmony grammar at least once
-    # per token fed: was it part of the reply's text (final channel, or the raw fallback)?
-    # OpenAI's chat logprobs.content lists exactly those tokens.
-    token_is_content: list[bool] = field(default_factory=list)
+    # per token fed: was it part of the reply's text (final channel, preambles, or the raw
+    # fallback)? None while undecided (a header's tokens until the header ends). OpenAI's
+    # chat logprobs.content lists exactly the True ones.
+    token_is_content: list[bool | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # pieces, joined on demand: appending to one str would copy it per token
+        self._text: dict[str, list[str]] = {"reasoning": [], "content": []}
         self._enc = get_encoding()
         self._parser: StreamableParser | None = StreamableParser(self._enc, Role.ASSISTANT, strict=False)
         self._header: list[int] = []  # tokens of the header being parsed (not yet delivered)
+        self._header_idx: list[int] = []  # their positions in token_is_content
+        self._cur = -1  # position of the token being fed
         self._raw = IncrementalDecoder()  # decodes tokens after the grammar broke, shown as content
         self._in_call = False  # the current message is a tool call
-        self._filters = {k: StopFilter(list(self.stop)) for k in ("reasoning", "content")}
 
     # --- public -------------------------------------------------------------------
+
+    @property
+    def reasoning(self) -> str:
+        """Analysis channel text so far."""
+        return "".join(self._text["reasoning"])
+
+    @property
+    def content(self) -> str:
+        """Final channel and preamble text so far (plus the fallback text of malformed output)."""
+        return "".join(self._text["content"])
 
     def feed(self, token_ids: Iterable[int]) -> list[Delta]:
         deltas: list[Delta] = []
         for token in token_ids:
             self.num_tokens += 1
+            self._cur = len(self.token_is_content)
+            self.token_is_content.append(None)
             before = self._parser.state if self._parser is not None else None
             if self._parser is None:
                 self._feed_raw(token, deltas)
             else:
                 self._feed_parser(token, deltas)
-            self.token_is_content.append(self._is_content_token(token, before))
+            pending = self._header_idx and self._header_idx[-1] == self._cur
+            if self.token_is_content[self._cur] is None and not pending:
+                self.token_is_content[self._cur] = self._is_content_token(token, before)
         return self._merge(deltas)
 
     def finish(self) -> list[Delta]:
@@ -137,22 +119,19 @@ class HarmonyStreamParser:
         if self._parser is not None and self._header:
             if any(self._enc.is_special_token(t) for t in self._header):
                 logger.debug("generation stopped inside a message header; header dropped")
+                self._decide(self._header_idx, [False] * len(self._header))
             else:
                 self._malformed("output ended without a harmony header")
+                self._decide(self._header_idx, [True] * len(self._header))
                 self._emit_text("content", self._enc.decode(self._header), deltas)
-            self._header = []
+            self._header, self._header_idx = [], []
         if self._parser is None:
             self._flush_raw(deltas)
-        for kind, filt in self._filters.items():
-            tail = filt.flush()
-            if tail:
-                deltas.append(Delta(kind, tail))
-                self._append(kind, tail)
         return self._merge(deltas)
 
-    @property
-    def stopped_by_string(self) -> bool:
-        return any(f.hit for f in self._filters.values())
+    def _decide(self, idx: list[int], flags: list[bool]) -> None:
+        for i, flag in zip(idx, flags):
+            self.token_is_content[i] = flag
 
     def _is_content_token(self, token: int, before: StreamState | None) -> bool:
         parser = self._parser
@@ -172,28 +151,29 @@ class HarmonyStreamParser:
             parser.process(token)
         except Exception as e:  # HarmonyError: the token breaks the grammar
             self._malformed(f"harmony parse error ({e})")
-            self._enter_raw(self._header + [token], deltas)
+            self._enter_raw(self._header + [token], self._header_idx + [self._cur], deltas)
             return
         state = parser.state
         if was_analysis or (state == StreamState.CONTENT and parser.current_channel == "analysis"):
             self.num_reasoning_tokens += 1
         if state == StreamState.HEADER:
             self._header.append(token)
+            self._header_idx.append(self._cur)
             if len(self._header) > MAX_HEADER_TOKENS_ANY or (
                 len(self._header) > MAX_HEADER_TOKENS and not any(self._enc.is_special_token(t) for t in self._header)
             ):
                 self._malformed("output is plain text without a harmony header")
-                self._enter_raw(self._header, deltas)
+                self._enter_raw(self._header, self._header_idx, deltas)
             return
         if state == StreamState.CONTENT and before != StreamState.CONTENT:  # a header just completed
-            header, self._header = self._header, []
-            self._start_message(parser, header, deltas)
+            header, idx, self._header, self._header_idx = self._header, self._header_idx, [], []
+            self._start_message(parser, header, idx, deltas)
             return
         if state == StreamState.EXPECT_START:
             if before == StreamState.HEADER:  # a stop token ended a header: what came was not one
-                self._header_as_content(self._header, deltas)
+                self._header_as_content(self._header, self._header_idx, deltas)
             self._in_call = False
-            self._header = []
+            self._header, self._header_idx = [], []
             return
         piece = parser.last_content_delta or ""
         if piece:
@@ -204,15 +184,18 @@ class HarmonyStreamParser:
                 kind = "reasoning" if parser.current_channel == "analysis" else "content"
                 self._emit_text(kind, piece, deltas)
 
-    def _start_message(self, parser: StreamableParser, header: list[int], deltas: list[Delta]) -> None:
+    def _start_message(self, parser: StreamableParser, header: list[int], idx: list[int],
+                       deltas: list[Delta]) -> None:
         recipient, channel = parser.current_recipient, parser.current_channel
         header_text = self._enc.decode(header)
         # harmony's header parser is lenient: stray words become a recipient or content
         # type. A real header names a channel, and a recipient only after "to=".
         if channel not in CHANNELS or (recipient and f"to={recipient}" not in header_text):
-            self._header_as_content(header, deltas)
+            self._header_as_content(header, idx, deltas)
+            self._decide([self._cur], [False])  # the <|message|> that closed it is not shown
             self._parser, self._in_call, self._raw = None, False, IncrementalDecoder()
             return
+        self._decide(idx, [False] * len(idx))  # a real header: control text, not the reply
         self._in_call = bool(recipient)
         if recipient:
             name = recipient.removeprefix("functions.")
@@ -222,8 +205,13 @@ class HarmonyStreamParser:
 
     # --- fallback path ------------------------------------------------------------
 
-    def _header_as_content(self, header: list[int], deltas: list[Delta]) -> None:
+    def _header_as_content(self, header: list[int], idx: list[int], deltas: list[Delta]) -> None:
         """A header that is not one: its words (without the role) are what the model said."""
+        plain = [not self._enc.is_special_token(t) for t in header]
+        first = plain.index(True) if any(plain) else -1
+        if first >= 0 and self._enc.decode([header[first]]).strip() == "assistant":
+            plain[first] = False  # the role name harmony put there, not the model's words
+        self._decide(idx, plain)
         words = self._enc.decode([t for t in header if not self._enc.is_special_token(t)])
         words = words.strip().removeprefix("assistant").strip()
         if words:
@@ -234,11 +222,19 @@ class HarmonyStreamParser:
         self.malformed = True
         logger.warning("%s; returning the generated text as content", why)
 
-    def _enter_raw(self, tokens: list[int], deltas: list[Delta]) -> None:
-        self._parser, self._header, self._in_call = None, [], False
+    def _enter_raw(self, tokens: list[int], idx: list[int], deltas: list[Delta]) -> None:
+        """The grammar broke: `tokens` (a header that was none, and the token that broke
+        it) are plain text, as everything after is until the next <|start|>."""
+        self._parser, self._header, self._header_idx, self._in_call = None, [], [], False
         self._raw = IncrementalDecoder()
-        for t in tokens:
-            self._feed_raw(t, deltas)
+        self._decide(idx, [t not in stop_token_ids() for t in tokens])
+        cur = self._cur
+        for t, self._cur in zip(tokens, idx):  # a <|start|> among them resumes parsing
+            if self._parser is None:
+                self._feed_raw(t, deltas)
+            else:
+                self._feed_parser(t, deltas)
+        self._cur = cur
 
     def _feed_raw(self, token: int, deltas: list[Delta]) -> None:
         if token == START_TOKEN:  # the model may be back on track: resume parsing
@@ -255,18 +251,9 @@ class HarmonyStreamParser:
     # --- text plumbing ------------------------------------------------------------
 
     def _emit_text(self, kind: Literal["reasoning", "content"], piece: str, deltas: list[Delta]) -> None:
-        if not piece:
-            return
-        out = self._filters[kind].push(piece)
-        if out:
-            deltas.append(Delta(kind, out))
-            self._append(kind, out)
-
-    def _append(self, kind: str, text: str) -> None:
-        if kind == "reasoning":
-            self.reasoning += text
-        else:
-            self.content += text
+        if piece:
+            deltas.append(Delta(kind, piece))
+            self._text[kind].append(piece)
 
     @staticmethod
     def _merge(deltas: list[Delta]) -> list[Delta]:
@@ -282,9 +269,9 @@ class HarmonyStreamParser:
         return out
 
 
-def parse_completion(token_ids: Sequence[int], stop: Sequence[str] = ()) -> HarmonyStreamParser:
+def parse_completion(token_ids: Sequence[int]) -> HarmonyStreamParser:
     """Parse a whole generation at once (the non-streaming path uses the same parser)."""
-    parser = HarmonyStreamParser(stop=stop)
+    parser = HarmonyStreamParser()
     parser.feed(token_ids)
     parser.finish()
     return parser

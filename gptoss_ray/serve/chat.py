@@ -1,10 +1,11 @@
 """POST /v1/chat/completions: render harmony, generate, parse harmony, answer like OpenAI.
 
-One request = one engine request with `n` samples; each sample has its own harmony
-parser. Streaming sends, per sample: a role chunk, then reasoning deltas
-(`reasoning_content` and `reasoning`), content deltas and tool-call deltas (index, id,
-name, then argument pieces) in generation order, then a chunk with the finish reason;
-usage last when `stream_options.include_usage`, then `[DONE]`.
+One request = one engine request with `n` samples; the output processor
+(gptoss_ray/output/) parses each sample's harmony channels, cuts its content at stop
+strings and decides its finish reason. Streaming sends, per sample: a role chunk, then
+reasoning deltas (`reasoning_content` and `reasoning`), content deltas and tool-call
+deltas (index, id, name, then argument pieces) in generation order, then a chunk with
+the finish reason; usage last when `stream_options.include_usage`, then `[DONE]`.
 """
 
 from __future__ import annotations
@@ -13,35 +14,20 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gptoss_ray.harmony.encoding import stop_token_ids
 from gptoss_ray.harmony.grammar import chat_grammar
-from gptoss_ray.harmony.parse import Delta, HarmonyStreamParser
+from gptoss_ray.harmony.parse import Delta
 from gptoss_ray.harmony.render import RenderError, render_chat
-from gptoss_ray.sampling_params import TokenDelta
+from gptoss_ray.output import OutputProcessor, SampleOutput
 from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError, sse_error
 from gptoss_ray.serve.protocol import ChatCompletionRequest
 from gptoss_ray.serve.sampling import build_sampling_params, chat_logprobs, usage
 from gptoss_ray.serve.structured import constrain, dump
-
-
-@dataclass
-class _Choice:
-    parser: HarmonyStreamParser
-    num_tokens: int = 0  # generated tokens of this sample
-    logprobs: list[dict[str, Any]] = field(default_factory=list)  # OpenAI entries of tokens not yet sent
-    all_logprobs: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def openai_finish_reason(self) -> str:
-        if self.finish_reason == "length" and not self.parser.stopped_by_string:
-            return "length"
-        return "tool_calls" if self.parser.tool_calls else "stop"
 
 
 async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest) -> Any:
@@ -65,59 +51,53 @@ async def create_chat_completion(ctx: ServingContext, req: ChatCompletionRequest
                              [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
                              dump(req.tool_choice), max_reasoning_tokens=req.max_reasoning_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    choices = [_Choice(HarmonyStreamParser(stop=params.stop)) for _ in range(params.n)]
+    processor = OutputProcessor(params, harmony=True)
     admission = ctx.admit(params.n)  # 429 / 400 now, while a status can still be sent
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            admission.guard(_stream(ctx, admission, request_id, prompt, params, choices, top, include_usage)),
+            admission.guard(_stream(ctx, admission, request_id, prompt, params, processor, top, include_usage)),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     with admission:
-        return await _complete(ctx, request_id, prompt, params, choices, top)
+        return await _complete(ctx, request_id, prompt, params, processor, top)
 
 
-def _absorb(choice: _Choice, delta: TokenDelta, top: int | None) -> list[Delta]:
-    choice.num_tokens += len(delta.token_ids)
-    pieces = choice.parser.feed(delta.token_ids)
-    if top is not None and delta.logprobs:  # logprobs.content: the tokens of the reply's text only
-        is_content = choice.parser.token_is_content[-len(delta.token_ids):]
-        entries = [e for e, keep in zip(chat_logprobs(delta.token_ids, delta.logprobs, top), is_content) if keep]
-        choice.logprobs += entries
-        choice.all_logprobs += entries
-    if delta.finished:
-        choice.finish_reason = delta.finish_reason
-        pieces += choice.parser.finish()
-    return pieces
+def _logprobs(out: SampleOutput, top: int | None) -> list[dict[str, Any]]:
+    """OpenAI logprobs.content entries of the tokens this output released (content tokens only)."""
+    if top is None or not out.logprobs:
+        return []
+    tokens, entries = zip(*out.logprobs)
+    return chat_logprobs(tokens, entries, top)
 
 
-def _message(choice: _Choice) -> dict[str, Any]:
-    p = choice.parser
-    msg: dict[str, Any] = {"role": "assistant", "content": p.content or (None if p.tool_calls else ""),
+def _message(sample) -> dict[str, Any]:
+    msg: dict[str, Any] = {"role": "assistant", "content": sample.content or (None if sample.tool_calls else ""),
                            "refusal": None}  # as OpenAI sends it; the SDK's .parse() reads it
-    if p.reasoning:
-        msg["reasoning_content"] = msg["reasoning"] = p.reasoning
-    if p.tool_calls:
+    if sample.reasoning:
+        msg["reasoning_content"] = msg["reasoning"] = sample.reasoning
+    if sample.tool_calls:
         msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                             for c in p.tool_calls]
+                             for c in sample.tool_calls]
     return msg
 
 
-async def _complete(ctx: ServingContext, request_id: str, prompt: list[int], params, choices: list[_Choice],
+async def _complete(ctx: ServingContext, request_id: str, prompt: list[int], params, processor: OutputProcessor,
                     top: int | None) -> JSONResponse:
     num_prompt, num_cached = len(prompt), 0
-    async for delta in ctx.generate(request_id, prompt, params):
-        num_prompt = delta.num_prompt_tokens or num_prompt
-        num_cached = max(num_cached, delta.num_cached_tokens)
-        _absorb(choices[delta.index], delta, top)
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in processor.samples]
+    async for out in ctx.generate(request_id, prompt, params, processor):
+        num_prompt = out.num_prompt_tokens or num_prompt
+        num_cached = max(num_cached, out.num_cached_tokens)
+        logprobs[out.index] += _logprobs(out, top)
     body = {
         "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
         "choices": [
-            {"index": i, "message": _message(c), "finish_reason": c.openai_finish_reason(),
-             "logprobs": {"content": c.all_logprobs} if top is not None else None}
-            for i, c in enumerate(choices)
+            {"index": i, "message": _message(s), "finish_reason": s.finish_reason,
+             "logprobs": {"content": logprobs[i]} if top is not None else None}
+            for i, s in enumerate(processor.samples)
         ],
-        "usage": usage(num_prompt, choices, num_cached),
+        "usage": usage(num_prompt, processor.samples, num_cached),
     }
     return JSONResponse(body)
 
@@ -136,7 +116,7 @@ def _delta_json(piece: Delta) -> dict[str, Any]:
 
 
 async def _stream(ctx: ServingContext, admission: Admission, request_id: str, prompt: list[int], params,
-                  choices: list[_Choice], top: int | None, include_usage: bool) -> AsyncIterator[str]:
+                  processor: OutputProcessor, top: int | None, include_usage: bool) -> AsyncIterator[str]:
     created, model = int(time.time()), ctx.model_name
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None) -> str:
@@ -151,21 +131,20 @@ async def _stream(ctx: ServingContext, admission: Admission, request_id: str, pr
     num_prompt, num_cached = len(prompt), 0
     try:
         with admission:
-            for i in range(len(choices)):
+            for i in range(len(processor.samples)):
                 yield chunk(i, {"role": "assistant", "content": ""})
-            async for delta in ctx.generate(request_id, prompt, params):
-                num_prompt = delta.num_prompt_tokens or num_prompt
-                num_cached = max(num_cached, delta.num_cached_tokens)
-                choice = choices[delta.index]
-                for piece in _absorb(choice, delta, top):
-                    yield chunk(delta.index, _delta_json(piece), logprobs=choice.logprobs)
-                    choice.logprobs = []
-                if choice.finish_reason is not None:
-                    yield chunk(delta.index, {}, choice.openai_finish_reason(), logprobs=choice.logprobs)
-                    choice.logprobs = []
+            async for out in ctx.generate(request_id, prompt, params, processor):
+                num_prompt = out.num_prompt_tokens or num_prompt
+                num_cached = max(num_cached, out.num_cached_tokens)
+                logprobs = _logprobs(out, top)
+                for piece in out.pieces:  # the logprobs released with this output ride on its first chunk
+                    yield chunk(out.index, _delta_json(piece), logprobs=logprobs)
+                    logprobs = []
+                if out.finished or logprobs:
+                    yield chunk(out.index, {}, out.finish_reason, logprobs=logprobs)
         if include_usage:
             body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [], "usage": usage(num_prompt, choices, num_cached)}
+                    "choices": [], "usage": usage(num_prompt, processor.samples, num_cached)}
             yield f"data: {json.dumps(body)}\n\n"
     except Exception as e:  # after the 200 went out, errors travel as an SSE event
         yield sse_error(e)

@@ -17,11 +17,11 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gptoss_ray.harmony.encoding import IncrementalDecoder, decode
+from gptoss_ray.harmony.encoding import decode
 from gptoss_ray.harmony.grammar import completion_grammar
-from gptoss_ray.harmony.parse import StopFilter
 from gptoss_ray.harmony.render import encode_text
-from gptoss_ray.sampling_params import SamplingParams, TokenDelta
+from gptoss_ray.output import OutputProcessor, SampleOutput
+from gptoss_ray.sampling_params import SamplingParams
 from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError, sse_error
 from gptoss_ray.serve.protocol import CompletionRequest
@@ -34,9 +34,9 @@ VOCAB_LIMIT = 201088
 
 @dataclass
 class _Choice:
-    decoder: IncrementalDecoder
-    stop: StopFilter
-    text: str = ""
+    """One choice's response, built from the output processor's SampleOutputs."""
+
+    parts: list[str] = field(default_factory=list)  # text pieces (joined once: no copy per token)
     num_tokens: int = 0
     text_offset: int = 0  # where the next token's text starts (OpenAI's logprobs.text_offset)
     finish_reason: str | None = None
@@ -44,32 +44,33 @@ class _Choice:
     echo: list[int] | None = None  # prompt ids still to send in front of the output (echo)
     drop_output: bool = False  # echo with max_tokens 0: the engine's one token is not part of the answer
 
-    def push(self, delta: TokenDelta, top: int | None) -> tuple[str, dict | None]:
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def push(self, out: SampleOutput, top: int | None) -> tuple[str, dict | None]:
+        """Take one output of the processor; return the text and logprobs to send for it."""
         head, lp = "", None
-        if self.echo is not None:  # the prompt goes first, with its logprobs (from the first delta) when asked
+        if self.echo is not None:  # the prompt goes first, with its logprobs (from the first output) when asked
             head = decode(self.echo)
             self.text_offset = len(head)
             if top is not None:
-                lp = completion_logprobs(self.echo, delta.prompt_logprobs or [None] * len(self.echo), top, 0)
+                lp = completion_logprobs(self.echo, out.prompt_logprobs or [None] * len(self.echo), top, 0)
             self.echo = None
-        token_ids, logprobs = ([], None) if self.drop_output else (delta.token_ids, delta.logprobs)
-        self.num_tokens += len(token_ids)
-        piece = self.stop.push(self.decoder.push(token_ids))
-        if delta.finished:
-            self.finish_reason = delta.finish_reason
-            piece += self.stop.push(self.decoder.flush()) + self.stop.flush()
-        if top is not None and logprobs:
-            out = completion_logprobs(token_ids, logprobs, top, self.text_offset)
-            self.text_offset += sum(len(t) for t in out["tokens"])
-            lp = out if lp is None else {key: lp[key] + out[key] for key in lp}
+        self.finish_reason = out.finish_reason
+        piece = "" if self.drop_output else out.text
+        if not self.drop_output:
+            self.num_tokens += len(out.token_ids)
+            if top is not None and out.logprobs:
+                tokens, entries = zip(*out.logprobs)
+                new = completion_logprobs(tokens, entries, top, self.text_offset)
+                self.text_offset += sum(len(t) for t in new["tokens"])
+                lp = new if lp is None else {key: lp[key] + new[key] for key in lp}
         for key, values in (lp or {}).items():
             self.logprobs[key] += values
         piece = head + piece
-        self.text += piece
+        self.parts.append(piece)
         return piece, lp
-
-    def openai_finish_reason(self) -> str:
-        return "length" if self.finish_reason == "length" and not self.stop.hit else "stop"
 
 
 def _prompts(req: CompletionRequest) -> list[list[int]]:
@@ -113,8 +114,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest) -> Any:
                   for p in params]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     n = params[0].n
-    choices = [_Choice(IncrementalDecoder(skip_special=req.skip_special_tokens), StopFilter(params[0].stop),
-                       echo=prompts[k // n] if req.echo else None, drop_output=echo_only)
+    choices = [_Choice(echo=prompts[k // n] if req.echo else None, drop_output=echo_only)
                for k in range(len(prompts) * n)]
     admission = ctx.admit(len(prompts) * n)  # every sequence counts: 64 prompts x n=16 is 1,024
     if req.stream:
@@ -126,7 +126,7 @@ async def create_completion(ctx: ServingContext, req: CompletionRequest) -> Any:
         num_prompt, _ = await _drain(ctx, request_id, prompts, params, choices, req.logprobs, None)
     body = {
         "id": request_id, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
-        "choices": [{"index": k, "text": c.text, "finish_reason": c.openai_finish_reason(),
+        "choices": [{"index": k, "text": c.text, "finish_reason": c.finish_reason,
                      "logprobs": c.logprobs if req.logprobs is not None else None} for k, c in enumerate(choices)],
         "usage": usage(num_prompt, choices),
     }
@@ -140,12 +140,13 @@ async def _drain(ctx: ServingContext, request_id: str, prompts: list[list[int]],
     n = params[0].n
 
     async def one(i: int) -> None:
-        async for delta in ctx.generate(f"{request_id}-{i}", prompts[i], params[i]):
-            counts[i] = delta.num_prompt_tokens or counts[i]
-            k = i * n + delta.index
-            piece, lp = choices[k].push(delta, top)
-            if queue is not None and (piece or lp or delta.finished):
-                await queue.put((k, piece, lp, choices[k].openai_finish_reason() if delta.finished else None))
+        processor = OutputProcessor(params[i])
+        async for out in ctx.generate(f"{request_id}-{i}", prompts[i], params[i], processor):
+            counts[i] = out.num_prompt_tokens or counts[i]
+            k = i * n + out.index
+            piece, lp = choices[k].push(out, top)
+            if queue is not None and (piece or lp or out.finished):
+                await queue.put((k, piece, lp, out.finish_reason))
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
     try:

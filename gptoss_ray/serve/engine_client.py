@@ -8,6 +8,7 @@ the admission counter and the model's context length.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import weakref
@@ -17,6 +18,7 @@ from typing import Any
 
 from gptoss_ray.engine_api import EngineInfo, EngineStats
 from gptoss_ray.metrics import ServingMetrics, endpoint_of
+from gptoss_ray.output import OutputProcessor, SampleOutput
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 from gptoss_ray.serve.config import ServeConfig
 from gptoss_ray.serve.errors import OpenAIError
@@ -41,8 +43,8 @@ class HandleClient:
             if not done:  # propagate our cancellation to the replica's generator
                 stream.cancel()
 
-    async def abort(self, request_id: str) -> None:
-        await self._handle.abort.remote(request_id)
+    async def abort(self, request_id: str, index: int | None = None) -> None:
+        await self._handle.abort.remote(request_id, index)
 
     async def stats(self) -> EngineStats:
         return await self._handle.stats.remote()
@@ -63,8 +65,8 @@ class LocalClient:
     def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
         return self._server.generate(request_id, prompt, params)
 
-    async def abort(self, request_id: str) -> None:
-        await self._server.abort(request_id)
+    async def abort(self, request_id: str, index: int | None = None) -> None:
+        await self._server.abort(request_id, index)
 
     async def stats(self) -> EngineStats:
         return self._server.stats()
@@ -156,12 +158,15 @@ class ServingContext:
         self.inflight -= 1
         self.metrics.labels(self.metrics.inflight).set(self.inflight)
 
-    def abort_later(self, request_id: str) -> None:
-        """Fire an abort from a cancelled request (it cannot await any more)."""
-        self.metrics.labels(self.metrics.aborted).inc()
+    def abort_later(self, request_id: str, index: int | None = None, client_gone: bool = True) -> None:
+        """Fire an abort (of the request, or of one sample) that nobody awaits: from a
+        cancelled request, or for a sample the output processor ended on a stop string."""
+        if client_gone:
+            self.metrics.labels(self.metrics.aborted).inc()
+
         async def _abort() -> None:
             try:
-                await self.client.abort(request_id)
+                await self.client.abort(request_id, index)
             except Exception:
                 logger.warning("abort of %s failed", request_id, exc_info=True)
 
@@ -169,36 +174,50 @@ class ServingContext:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
-        """The engine's deltas with metrics observed; engine errors raised; aborted if we stop early."""
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       processor: OutputProcessor) -> AsyncIterator[SampleOutput]:
+        """The request's output as `processor` makes it from the engine's deltas, with
+        metrics observed; engine errors raised; aborted in the engine if we stop early,
+        and each sample that hit a stop string aborted there as soon as it did."""
         start = last = time.monotonic()
         first, endpoint = True, endpoint_of(request_id)
         if not self.config.disable_log_requests:
             logger.info("request %s: %d prompt tokens, n=%d, max_tokens=%s, temperature=%s", request_id,
                         len(prompt), params.n, params.max_tokens, params.temperature)
-        finished: set[int] = set()
+        num_finished = 0
+        engine_done: set[int] = set()  # samples the engine reported finished
         try:
-            async for delta in self.client.generate(request_id, prompt, params):
-                now = time.monotonic()
-                if delta.token_ids:
-                    if first:
-                        self.metrics.observe_first_token(now - start, endpoint)
-                    self.metrics.observe_tokens(len(delta.token_ids), None if first else now - last, endpoint)
-                    first, last = False, now
-                if delta.finished:
-                    finished.add(delta.index)
-                    self.metrics.observe_finished(delta.finish_reason or "stop", now - start,
-                                                  delta.num_prompt_tokens if len(finished) == 1 else 0, endpoint)
-                    if delta.finish_reason == "error":
-                        # the engine's text (exception names, paths) is for the log, never the client
-                        logger.error("engine error on %s: %s", request_id, delta.error)
-                        raise OpenAIError(500, "engine error: generation failed on the server (see its log)",
-                                          code="engine_error")
-                    if delta.finish_reason == "abort":
-                        raise OpenAIError(503, "the request was aborted by the server", code="aborted")
-                yield delta
+            async with contextlib.aclosing(self.client.generate(request_id, prompt, params)) as stream:
+                async for delta in stream:
+                    now = time.monotonic()
+                    if delta.token_ids:
+                        if first:
+                            self.metrics.observe_first_token(now - start, endpoint)
+                        self.metrics.observe_tokens(len(delta.token_ids), None if first else now - last, endpoint)
+                        first, last = False, now
+                    if delta.finished:
+                        engine_done.add(delta.index)
+                    out = processor.process(delta)
+                    if out is None:  # the engine's tail of a sample the processor ended
+                        continue
+                    if out.finished:
+                        num_finished += 1
+                        self.metrics.observe_finished(out.finish_reason, now - start,
+                                                      out.num_prompt_tokens if num_finished == 1 else 0, endpoint)
+                        if out.finish_reason == "error":
+                            # the engine's text (exception names, paths) is for the log, never the client
+                            logger.error("engine error on %s: %s", request_id, out.error)
+                            raise OpenAIError(500, "engine error: generation failed on the server (see its log)",
+                                              code="engine_error")
+                        if out.finish_reason == "abort":
+                            raise OpenAIError(503, "the request was aborted by the server", code="aborted")
+                        if out.abort:
+                            self.abort_later(request_id, out.index, client_gone=False)
+                    yield out
+                    if processor.finished and len(engine_done) < params.n:
+                        return  # leaving closes the engine stream, which aborts what is left
         except (OpenAIError, GeneratorExit, asyncio.CancelledError):
-            if len(finished) < params.n:
+            if not processor.finished:
                 self.abort_later(request_id)
             raise
         except Exception as e:  # Ray errors: replica died, actor unavailable

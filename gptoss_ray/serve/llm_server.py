@@ -62,8 +62,8 @@ class LLMServer:
             if not done:  # cancelled or failed mid-way: the KV blocks must not wait for GC
                 await self.engine.abort(request_id)
 
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
+    async def abort(self, request_id: str, index: int | None = None) -> None:
+        await self.engine.abort(request_id, index)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from gptoss_ray.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from gptoss_ray.serve.errors import OpenAIError
 
 MAX_N = 16  # samples per request: n beyond this is a denial-of-service, not a use case
-MAX_STOP = 16
 MAX_TOKENS = 1 << 24  # far beyond any context length: larger is a typo or an attack, not a request
 MAX_TOP_K = 1 << 20  # above the vocabulary (201,088): such a top_k keeps every token
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
@@ -127,7 +127,9 @@ class _SamplingFields(_Request):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings.")
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters; in chat "
+        "they end the reply's content (never its reasoning).")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)

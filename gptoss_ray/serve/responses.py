@@ -2,7 +2,8 @@
 
 A request becomes chat-shaped messages (responses_input.py), is rendered by the same
 harmony renderer as chat, sampled through the same SamplingParams builder, and its
-tokens are parsed by the same harmony stream parser. What is new here is the output's
+tokens go through the same output processor (harmony parse, finish reason, content
+logprobs; gptoss_ray/output/). What is new here is the output's
 shape: parser deltas become typed output items (`reasoning`, `message`, `function_call`)
 and, when streaming, OpenAI's event sequence:
 
@@ -37,6 +38,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from gptoss_ray.harmony.encoding import stop_token_ids
 from gptoss_ray.harmony.grammar import responses_grammar
 from gptoss_ray.harmony.render import RenderError, render_chat
+from gptoss_ray.output import OutputProcessor
 from gptoss_ray.sampling_params import SamplingParams
 from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError
@@ -241,10 +243,10 @@ class _Run:
             await self.service.put(self.record)
         next_check = time.monotonic() + CANCEL_POLL_S
         try:
-            async for delta in ctx.generate(body["id"], self.prompt, self.params):
-                num_prompt = delta.num_prompt_tokens or num_prompt
-                num_cached = max(num_cached, delta.num_cached_tokens)
-                for event in self.builder.absorb(delta.token_ids, delta.logprobs, delta.finished, delta.finish_reason):
+            async for out in ctx.generate(body["id"], self.prompt, self.params, self.builder.processor):
+                num_prompt = out.num_prompt_tokens or num_prompt
+                num_cached = max(num_cached, out.num_cached_tokens)
+                for event in self.builder.absorb(out):
                     yield event
                 if self.req.background and time.monotonic() > next_check:
                     next_check = time.monotonic() + CANCEL_POLL_S
@@ -325,7 +327,7 @@ async def create_response(req: ResponsesRequest, request: Request) -> Any:
         id=response_id, key_hash=key, created_at=created, expires_at=created + service.ttl_s, response=body,
         input_items=items, previous_response_id=req.previous_response_id, start_date=start_date,
         prompt_token_ids=prompt) if stored else None
-    run = _Run(service, req, body, record, prompt, params, OutputBuilder(top))
+    run = _Run(service, req, body, record, prompt, params, OutputBuilder(top, OutputProcessor(params, harmony=True)))
 
     admission = ctx.admit(1)  # 429 now, while a status can still be sent
     if req.background:

@@ -1,7 +1,8 @@
-"""Harmony parser deltas -> the Responses API's output items and streaming events.
+"""Output processor pieces -> the Responses API's output items and streaming events.
 
-One `OutputBuilder` per response feeds the generated tokens to the same
-HarmonyStreamParser chat uses and turns its deltas into typed items: `reasoning`
+One `OutputBuilder` per response takes what the output processor (gptoss_ray/output/,
+the same harmony parse, finish reasons and content logprobs as chat) made of the
+generated tokens and turns its pieces into typed items: `reasoning`
 (analysis channel, as `reasoning_text` content), `message` (final channel and preambles,
 as `output_text`, with logprobs of exactly its tokens when asked) and `function_call`
 (one per recipient message, `call_id` from the parser). Each item is opened, filled and
@@ -17,7 +18,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from gptoss_ray.harmony.parse import Delta, HarmonyStreamParser
+from gptoss_ray.harmony.parse import Delta
+from gptoss_ray.output import OutputProcessor, SampleOutput
 from gptoss_ray.serve.sampling import chat_logprobs
 
 
@@ -27,10 +29,10 @@ def new_id(prefix: str) -> str:
 
 @dataclass
 class OutputBuilder:
-    """Parser deltas -> output items, and the streaming events that build them."""
+    """Processor outputs -> output items, and the streaming events that build them."""
 
     top: int | None  # top_logprobs when logprobs are included, else None
-    parser: HarmonyStreamParser = field(default_factory=HarmonyStreamParser)
+    processor: OutputProcessor  # the response's one sample (n is 1): feed it the engine's deltas
     output: list[dict[str, Any]] = field(default_factory=list)
     num_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
@@ -39,21 +41,22 @@ class OutputBuilder:
     _logprobs: list[dict[str, Any]] = field(default_factory=list)  # entries not yet sent with a delta
     _item_logprobs: list[dict[str, Any]] = field(default_factory=list)
 
-    def absorb(self, token_ids: list[int], logprobs: list | None, finished: bool,
-               finish_reason: str | None) -> list[dict[str, Any]]:
-        self.num_tokens += len(token_ids)
-        self.token_ids += token_ids
-        pieces = self.parser.feed(token_ids)
-        if self.top is not None and logprobs:
-            is_content = self.parser.token_is_content[-len(token_ids):] if token_ids else []
-            self._logprobs += [e for e, keep in zip(chat_logprobs(token_ids, logprobs, self.top), is_content) if keep]
-        if finished:
-            self.finish_reason = finish_reason
-            pieces += self.parser.finish()
+    @property
+    def sample(self):
+        return self.processor.samples[0]
+
+    def absorb(self, out: SampleOutput) -> list[dict[str, Any]]:
+        self.num_tokens += len(out.token_ids)
+        self.token_ids += out.token_ids
+        if self.top is not None and out.logprobs:  # content tokens only, released with their text
+            tokens, entries = zip(*out.logprobs)
+            self._logprobs += chat_logprobs(tokens, entries, self.top)
+        if out.finished:
+            self.finish_reason = out.finish_reason
         events = []
-        for piece in pieces:
+        for piece in out.pieces:
             events += self._piece(piece)
-        if finished:
+        if out.finished:
             events += self._close(self.status() == "completed")
         return events
 
@@ -93,7 +96,7 @@ class OutputBuilder:
                     "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
             self._item_logprobs = []
         else:
-            call = self.parser.tool_calls[piece.tool_index or 0]
+            call = self.sample.tool_calls[piece.tool_index or 0]
             item = {"id": new_id("fc"), "type": "function_call", "call_id": call.id, "name": call.name,
                     "arguments": "", "status": "in_progress"}
         added = json.loads(json.dumps(item))  # the empty shell, as OpenAI sends it
@@ -138,5 +141,5 @@ class OutputBuilder:
 def usage(builder: OutputBuilder, num_prompt: int, num_cached: int) -> dict[str, Any]:
     return {"input_tokens": num_prompt, "input_tokens_details": {"cached_tokens": num_cached, "cache_write_tokens": 0},
             "output_tokens": builder.num_tokens,
-            "output_tokens_details": {"reasoning_tokens": builder.parser.num_reasoning_tokens},
+            "output_tokens_details": {"reasoning_tokens": builder.sample.num_reasoning_tokens},
             "total_tokens": num_prompt + builder.num_tokens}

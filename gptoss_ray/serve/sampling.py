@@ -10,7 +10,6 @@ from gptoss_ray.errors import SamplingParamsError
 from gptoss_ray.harmony.encoding import decode, token_bytes
 from gptoss_ray.sampling_params import SamplingParams
 from gptoss_ray.serve.errors import OpenAIError
-from gptoss_ray.serve.protocol import MAX_STOP
 
 
 def build_sampling_params(req: Any, num_prompt_tokens: int, max_model_len: int, max_tokens: int | None,
@@ -28,11 +27,7 @@ def build_sampling_params(req: Any, num_prompt_tokens: int, max_model_len: int, 
             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
             "completion). Reduce the prompt or the maximum number of tokens.",
             param="max_tokens", code="context_length_exceeded")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > MAX_STOP:
-        raise OpenAIError(400, f"at most {MAX_STOP} stop strings are supported, got {len(stop)}", param="stop")
-    if any(not s for s in stop):
-        raise OpenAIError(400, "stop strings must not be empty", param="stop")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])  # bounded by SamplingParams
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     if top_p == 0.0:  # OpenAI accepts 0: only the most likely token, i.e. greedy
@@ -46,6 +41,7 @@ def build_sampling_params(req: Any, num_prompt_tokens: int, max_model_len: int, 
             min_tokens=req.min_tokens, stop=stop, stop_token_ids=stop_token_ids,
             ignore_eos=req.ignore_eos, logprobs=logprobs,
             logit_bias={int(t): b for t, b in req.logit_bias.items()} if req.logit_bias else None,
+            skip_special_tokens=getattr(req, "skip_special_tokens", True),
         )
     except SamplingParamsError as e:
         raise OpenAIError(400, str(e), param=e.param) from None

@@ -3,9 +3,10 @@
 A real tiny checkpoint writes random tokens, so parsing is tested by feeding known
 harmony token streams through the same server path. The script is chosen by a marker in
 the prompt, `[[script:NAME]]` (the last one wins), so a test picks it per request through
-the public API; unmarked prompts get SCRIPTS["default"]. The engine honours max_tokens,
-stop token ids, stop strings and n, and keeps KV-block accounting like the real one, so
-that abort and /metrics behave observably. `debug_*` methods are read by tests through
+the public API; unmarked prompts get SCRIPTS["default"]. Like the real engine, it honours
+max_tokens, stop token ids, min_tokens and n, leaves stop strings to the output processor
+(which aborts a sample that hit one), and keeps KV-block accounting, so that abort and
+/metrics behave observably. `debug_*` methods are read by tests through
 LLMServer.debug.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import asdict
 
 from gptoss_ray.config import EngineConfig
 from gptoss_ray.engine_api import EngineStats
-from gptoss_ray.harmony.encoding import IncrementalDecoder, decode, get_encoding
+from gptoss_ray.harmony.encoding import decode, get_encoding
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 
 _A = "<|channel|>analysis<|message|>"
@@ -39,7 +40,11 @@ SCRIPTS = {
     # ends inside the final channel: the engine stops at max_tokens (or here, at the script's end)
     "stop_mid_channel": f"{_A}Counting.{_NEXT}<|channel|>final<|message|>one two three four five six seven",
     "stop_string": f"{_A}r{_NEXT}<|channel|>final<|message|>alpha beta STOP gamma delta<|return|>",
+    # " marqué" is one token: a stop string inside it cuts the token's text
+    "accent": f"{_A}Pense STOP à marquer.{_NEXT}<|channel|>final<|message|> marqué de STOP fin<|return|>",
     "slow": f"{_A}" + " ".join(["thinking"] * 600) + "<|end|>",
+    # a stop string early in a long, slow reply: only an abort ends it soon
+    "slow_stop": f"{_A}r{_NEXT}<|channel|>final<|message|>alpha STOP " + " ".join(["more"] * 600),
     "error": "<|channel|>final<|message|>partial",
 }
 SLOW_DELAY_S = 0.02
@@ -58,6 +63,7 @@ class ScriptedEngine:
         self._held: dict[str, int] = {}  # request id -> KV blocks it holds
         self._prompts: list[dict] = []
         self._aborted: list[str] = []
+        self._aborted_samples: set[tuple[str, int]] = set()
         self._finished: list[str] = []
         self.dead = False
         self._num_requests = 0
@@ -88,18 +94,18 @@ class ScriptedEngine:
 
     async def _one(self, request_id: str, index: int, script: list[int], params: SamplingParams,
                    num_prompt: int, name: str, prompt_lp: list | None = None) -> AsyncIterator[TokenDelta]:
-        decoder, text, out = IncrementalDecoder(skip_special=True), "", []
+        out: list[int] = []
         limit = params.max_tokens or self.max_model_len - num_prompt
         for start in range(0, len(script), self.tokens_per_step):
-            await asyncio.sleep(SLOW_DELAY_S if name == "slow" else 0)
+            await asyncio.sleep(SLOW_DELAY_S if name.startswith("slow") else 0)
+            if (request_id, index) in self._aborted_samples:
+                yield TokenDelta(request_id=request_id, index=index, finish_reason="abort", num_prompt_tokens=num_prompt)
+                return
             step = script[start:start + self.tokens_per_step][: limit - len(out)]
             finish, stop_reason = None, None
             for k, token in enumerate(step):
-                text += decoder.push([token])
-                hit = token in params.stop_token_ids and not params.ignore_eos
-                matched = next((s for s in params.stop if s in text), None)
-                if hit or matched:
-                    step, finish, stop_reason = step[: k + 1], "stop", token if hit else matched
+                if token in params.stop_token_ids and len(out) + k + 1 >= params.min_tokens:
+                    step, finish, stop_reason = step[: k + 1], "stop", token
                     break
             out += step
             self._held[request_id] = math.ceil((num_prompt + len(out)) / self.block_size)
@@ -115,7 +121,12 @@ class ScriptedEngine:
             if finish is not None:
                 return
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, index: int | None = None) -> None:
+        if index is not None:  # one sample (a stop string hit): it ends at its next step
+            if request_id in self._held:
+                self._aborted_samples.add((request_id, index))
+                self._aborted.append(f"{request_id}#{index}")
+            return
         if self._held.pop(request_id, None) is not None:
             self._aborted.append(request_id)
 

@@ -68,3 +68,23 @@ def test_generate_cli_prints_the_parsed_reply(tiny_ckpt, capsys):
     assert rc == 0
     assert "[final]" in captured.out
     assert "8 generated" in captured.err
+
+
+def test_text_and_stop_strings_go_through_the_output_processor(llm):
+    from gptoss_ray.harmony.encoding import decode
+
+    params = dict(temperature=0.0, max_tokens=16, ignore_eos=True)
+    base = llm.generate(prompt_token_ids=[prompt(9, seed=3)], sampling_params=SamplingParams(**params))[0].outputs[0]
+    assert base.text == decode(base.token_ids) and len(base.token_ids) == 16
+    pieces = [decode(base.token_ids[:k]) for k in range(17)]
+    k = next(i for i in range(4, 16) if len(pieces[i + 1]) - len(pieces[i]) >= 2)  # a token of 2+ characters
+    stop = pieces[k + 1][len(pieces[k]) + 1:][:3]  # starts inside token k: its first character stays
+    steps = llm.engine.num_steps
+    out = llm.generate(prompt_token_ids=[prompt(9, seed=3)], sampling_params=SamplingParams(stop=[stop], **params))
+    steps = llm.engine.num_steps - steps  # one per token: the stop ended the sample in the engine
+    sample = out[0].outputs[0]
+    cut = base.text.index(stop)
+    assert sample.text == base.text[:cut] and (sample.finish_reason, sample.stop_reason) == ("stop", stop)
+    ends = [len(p) for p in pieces]
+    assert sample.token_ids == base.token_ids[: next(i for i, e in enumerate(ends) if e >= cut + len(stop))]
+    assert steps == len(sample.token_ids) < 16

@@ -5,11 +5,8 @@ from __future__ import annotations
 import pytest
 from support.engine_helpers import make_engine, prompt, run_all
 
-from gptoss_ray.engine.output import StopChecker
-from gptoss_ray.engine.sequence import Sequence
 from gptoss_ray.errors import SamplingParamsError
-from gptoss_ray.harmony.encoding import decode
-from gptoss_ray.sampling_params import SamplingParams
+from gptoss_ray.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +43,32 @@ def test_min_tokens_defers_a_stop_token(engine):
     assert len(tokens) > first + 1 and base[4] not in tokens[: first + 2]
 
 
-def test_stop_string_ends_the_output_and_is_not_returned(engine):
-    base, _ = greedy(engine, prompt(6, seed=3), max_tokens=12)
-    text = decode(base)
-    start = len(decode(base[:5]))
-    stop = text[start : start + 3]  # three characters starting at token 5's text
-    tokens, last = greedy(engine, prompt(6, seed=3), max_tokens=12, stop=[stop])
-    assert last.finish_reason == "stop" and last.stop_reason == stop
-    assert tokens == base[:5] and stop not in decode(tokens)
+def test_engine_leaves_stop_strings_to_the_output_processor(engine):
+    # Text is the output processor's (tests/engine/test_llm_api.py, tests/output/): the
+    # engine streams every token at once, holding nothing back for a possible stop string.
+    base, _ = greedy(engine, prompt(6, seed=3), max_tokens=12, logprobs=0)
+    engine.add_request("r", prompt(6, seed=3), SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                              stop=["a", "e", " "]))
+    per_step = []
+    while engine.has_unfinished_requests():
+        per_step.append([t for d in engine.step() for t in d.token_ids])
+    assert [t for step in per_step for t in step] == base
+    assert all(len(step) == 1 for step in per_step[:12])
 
 
-def test_stop_string_not_matched_releases_every_token(engine):
-    base, _ = greedy(engine, prompt(6, seed=3), max_tokens=12)
-    tokens, last = greedy(engine, prompt(6, seed=3), max_tokens=12, stop=["\x00never"])
-    assert tokens == base and last.finish_reason == "length"
+def test_engine_stops_a_sample_it_is_told_to(engine):
+    params = SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=20, ignore_eos=True)
+    engine.add_request("r", prompt(6, seed=3), params)
+    ended = {}
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            ended.setdefault(d.index, []).append(d)
+        if 1 in ended and len(ended[1]) == 2:  # sample 1 has two tokens: stop it, as a stop string would
+            for d in engine.abort_request("r", 1):
+                ended[1].append(d)
+    assert ended[1][-1].finish_reason == "abort" and sum(len(d.token_ids) for d in ended[1]) == 2
+    assert ended[0][-1].finish_reason == "length" and sum(len(d.token_ids) for d in ended[0]) == 20
+    assert engine.abort_request("r", 1) == [] and not engine.seqs
 
 
 def test_temperature_changes_output(engine):
@@ -105,19 +114,23 @@ def test_logprobs_count_and_sampled_token(engine):
         assert tok in entry and len(entry) == 5 and max(entry, key=entry.get) == tok
 
 
-def test_ignore_eos_keeps_going_past_eos():
-    checker = StopChecker({7}, max_model_len=100, decode=None)
+def test_eos_ends_the_output_unless_ignored_or_before_min_tokens(tiny_ckpt):
+    engine = make_engine(tiny_ckpt)
+    base, _ = greedy(engine, prompt(6, seed=2))
+    engine.eos_token_ids = frozenset({base[2]})  # as if the model's EOS were the third token
+    tokens, last = greedy(engine, prompt(6, seed=2), ignore_eos=False)
+    assert tokens == base[:3] and (last.finish_reason, last.stop_reason) == ("stop", None)
+    tokens, last = greedy(engine, prompt(6, seed=2))  # ignore_eos
+    assert tokens == base and last.finish_reason == "length"
+    tokens, last = greedy(engine, prompt(6, seed=2), ignore_eos=False, min_tokens=4)
+    assert tokens[:3] == base[:3] and len(tokens) > 3  # cannot stop before min_tokens
 
-    def seq(**kw):
-        s = Sequence("r", [1, 2, 7], 2, SamplingParams(max_tokens=5, **kw))
-        return s, checker.check(s)
 
-    s, visible = seq()
-    assert s.finish_reason == "stop" and visible == 1
-    s, _ = seq(ignore_eos=True)
-    assert s.finish_reason is None
-    s, _ = seq(min_tokens=2)
-    assert s.finish_reason is None  # cannot stop before min_tokens
+@pytest.mark.parametrize("stop", [["x"] * (MAX_STOP_STRINGS + 1), ["x" * (MAX_STOP_CHARS + 1)], ["ok", ""]])
+def test_stop_strings_are_bounded(stop):
+    with pytest.raises(SamplingParamsError) as err:
+        SamplingParams(stop=stop)
+    assert err.value.param == "stop" and len(str(err.value)) < 400  # a 1 MB string is not echoed back
 
 
 @pytest.mark.parametrize("tokens,params,param", [

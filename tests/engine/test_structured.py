@@ -37,7 +37,7 @@ def _analysis_text(token_ids) -> str | None:
 
 
 def _parse(token_ids):
-    p = HarmonyStreamParser(stop=[])
+    p = HarmonyStreamParser()
     p.feed(token_ids)
     p.finish()
     return p

@@ -1,4 +1,6 @@
-"""The incremental harmony parser: channels, tool calls, malformed output, stops."""
+"""The incremental harmony parser: channels, tool calls, malformed output, which tokens are content.
+
+Stop strings are the output processor's (tests/output/)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ def ids(text: str) -> list[int]:
     return get_encoding().encode(text, allowed_special="all")
 
 
-def stream(text: str, stop=()):
+def stream(text: str):
     """Feed one token at a time, as the engine delivers them; return parser and deltas."""
-    parser = HarmonyStreamParser(stop=stop)
+    parser = HarmonyStreamParser()
     deltas = []
     for t in ids(text):
         deltas += parser.feed([t])
@@ -92,12 +94,38 @@ def test_stop_mid_channel_keeps_what_was_parsed(text, reasoning, content, args):
     assert (p.tool_calls[0].arguments if p.tool_calls else None) == args
 
 
-def test_stop_string_cuts_content_and_holds_back_prefixes():
-    p, deltas = stream("<|channel|>final<|message|>Hello STOP world", stop=["STOP"])
-    assert p.content == "Hello " and joined(deltas, "content") == "Hello " and p.stopped_by_string
-    # a prefix of a stop string that never completes is released at the end
-    p, deltas = stream("<|channel|>final<|message|>Hello ST", stop=["STOP"])
-    assert p.content == "Hello ST" and not p.stopped_by_string
+def content_tokens(p, text):
+    return [t for t, flag in zip(ids(text), p.token_is_content) if flag]
+
+
+def test_token_is_content_marks_the_final_channel_only():
+    text = "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>Hi there<|return|>"
+    p, _ = stream(text)
+    assert None not in p.token_is_content and len(p.token_is_content) == len(ids(text))
+    assert content_tokens(p, text) == ids("Hi there")
+
+
+@pytest.mark.parametrize("text, content", [
+    # no header at all: past MAX_HEADER_TOKENS the header tokens turn out to be the reply
+    (" ".join(["word"] * 60), " ".join(["word"] * 60)),
+    # short plain text ended by a stop token while a header was expected
+    ("Just plain text.<|return|>", "Just plain text."),
+    # a header that is none (harmony reads stray words as a recipient): its words are content
+    ("<|channel|>analysis<|message|>ok<|end|><|start|>assistant garbled text <|message|> more<|return|>",
+     " garbled text  more"),
+])
+def test_header_tokens_that_turn_out_to_be_text_are_content(text, content):
+    p, _ = stream(text)
+    assert None not in p.token_is_content
+    assert "".join(get_encoding().decode([t]) for t in content_tokens(p, text)) == content
+
+
+def test_header_tokens_wait_for_the_header_to_end():
+    p, n = HarmonyStreamParser(), len(ids("word " * 10))
+    p.feed(ids("word " * 10))
+    assert p.token_is_content == [None] * n  # a header or the reply: not known yet
+    p.finish()
+    assert p.token_is_content == [True] * n
 
 
 def test_multibyte_text_is_never_split():

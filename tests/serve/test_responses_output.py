@@ -6,16 +6,29 @@ from __future__ import annotations
 import pytest
 
 from gptoss_ray.harmony.encoding import get_encoding
+from gptoss_ray.output import OutputProcessor
+from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 from gptoss_ray.serve.responses_output import OutputBuilder
 from gptoss_ray.serve.testing import SCRIPTS
 
 
+def builder_and_feed():
+    """A builder, and a function feeding it engine deltas through the output processor."""
+    builder = OutputBuilder(top=None, processor=OutputProcessor(SamplingParams(max_tokens=None), harmony=True))
+
+    def feed(tokens: list[int], finish_reason: str | None) -> list[dict]:
+        out = builder.processor.process(TokenDelta("r", 0, tokens, finish_reason=finish_reason))
+        return builder.absorb(out) if out is not None else []
+
+    return builder, feed
+
+
 def run(name: str, step: int) -> tuple[OutputBuilder, list[dict]]:
     tokens = get_encoding().encode(SCRIPTS[name], allowed_special="all")
-    builder, events = OutputBuilder(top=None), []
+    (builder, feed), events = builder_and_feed(), []
     for i in range(0, len(tokens), step):
         last = i + step >= len(tokens)
-        events += builder.absorb(tokens[i:i + step], None, last, "stop" if last else None)
+        events += feed(tokens[i:i + step], "stop" if last else None)
     return builder, events
 
 
@@ -51,6 +64,6 @@ def test_events_rebuild_the_items(name):
 
 def test_length_stop_marks_the_open_item_incomplete():
     tokens = get_encoding().encode(SCRIPTS["stop_mid_channel"], allowed_special="all")
-    builder = OutputBuilder(top=None)
-    builder.absorb(tokens[:12], None, True, "length")
+    builder, feed = builder_and_feed()
+    feed(tokens[:12], "length")
     assert builder.status() == "incomplete" and builder.output[-1]["status"] == "incomplete"
