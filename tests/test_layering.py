@@ -24,13 +24,15 @@ MAY_IMPORT: dict[str, set[str]] = {
     "metrics": {"engine_api"},
     "kernels": set(),
     "harmony": {"errors", "config"},
+    "output": BASE | {"harmony"},  # the output processor: torch-free, shared by serve and LLM
     "checkpoint": {"errors", "config", "kernels"},  # write.py packs MXFP4
     "model": BASE | {"checkpoint", "kernels"},
     "parallel": BASE,  # torch.distributed concerns only: never the engine
-    "engine": BASE | {"engine_api", "parallel", "model", "checkpoint", "harmony", "kernels"},
+    # engine/llm.py runs the output processor for the offline API's text
+    "engine": BASE | {"engine_api", "parallel", "model", "checkpoint", "harmony", "kernels", "output"},
     # serve/cli.py reads the checkpoint's config before it starts Ray (in the CLI process;
     # the ingress, which must stay torch-free, never imports it: tests/serve/test_schema.py)
-    "serve": BASE | {"engine_api", "harmony", "metrics", "checkpoint"},
+    "serve": BASE | {"engine_api", "harmony", "metrics", "checkpoint", "output"},
     "bench": BASE,
     "generate": BASE | {"engine", "harmony"},
     "cli": BASE | {"serve", "bench", "generate", "checkpoint", "engine"},
