@@ -120,3 +120,84 @@ def test_json_body_is_read_whatever_the_declared_content_type(content_type):
 
     r = asyncio.run(ask())
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+# --- every number at its extremes, every bounded string past its bound -------------------
+
+EXTREMES = [0, -1, 2**63, 10**20, float("nan"), float("inf"), float("-inf")]
+BASES = {
+    "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    "/v1/completions": {"model": MODEL, "prompt": "hi", "max_tokens": 4},
+    "/v1/responses": {"model": MODEL, "input": "hi", "max_output_tokens": 16},
+    "/tokenize": {"model": MODEL, "prompt": "hi"},
+    "/detokenize": {"model": MODEL, "tokens": [1, 2]},
+}
+
+
+def _resolve(spec: dict, schemas: dict) -> dict:
+    ref = spec.get("$ref")
+    return schemas[ref.rsplit("/", 1)[1]] if ref else spec
+
+
+def _members(spec: dict, schemas: dict) -> list[dict]:
+    spec = _resolve(spec, schemas)
+    out = []
+    for key in ("anyOf", "oneOf", "allOf"):
+        for sub in spec.get(key, []):
+            out += _members(sub, schemas)
+    return out or [spec]
+
+
+def _fields() -> list[tuple[str, str, str, dict]]:
+    """(path, field, kind, schema) of every numeric and every length-bounded string field of
+    every POST body in the app's OpenAPI schema: a field added later is covered too."""
+    api = APP.openapi()
+    schemas = api["components"]["schemas"]
+    out = []
+    for path, ops in api["paths"].items():
+        body = ops.get("post", {}).get("requestBody")
+        if not body or "{" in path:
+            continue
+        model = _resolve(body["content"]["application/json"]["schema"], schemas)
+        for name, prop in model.get("properties", {}).items():
+            members = _members(prop, schemas)
+            if any(m.get("type") in ("integer", "number") for m in members):
+                out.append((path, name, "number", prop))
+            for m in members:
+                if m.get("type") == "string" and "maxLength" in m:
+                    out.append((path, name, "string", m))
+    return out
+
+
+FIELDS = _fields()
+
+
+def test_the_schema_walk_finds_the_fields():
+    found = {(p, f) for p, f, _, _ in FIELDS}
+    assert {("/v1/chat/completions", "top_k"), ("/v1/completions", "max_tokens"), ("/v1/chat/completions", "seed"),
+            ("/v1/chat/completions", "model")} <= found
+
+
+@pytest.mark.parametrize("path, field, kind, spec", FIELDS, ids=[f"{p}:{f}:{k}" for p, f, k, _ in FIELDS])
+def test_extremes_of_every_field_are_never_a_server_error(path, field, kind, spec):
+    """0, -1, 2^63, 10^20, NaN and +-inf in every numeric field; every bounded string at its
+    bound and one past it: a 2xx or a 4xx naming nothing internal, never a 5xx."""
+    import json
+
+    base = BASES.get(path, {"model": MODEL})
+    values = EXTREMES if kind == "number" else ["x" * spec["maxLength"], "x" * (spec["maxLength"] + 1)]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=APP), base_url="http://t") as client:
+            return [await client.post(path, content=json.dumps({**base, field: v}).encode(),
+                                      headers={"content-type": "application/json"}) for v in values]
+
+    for value, r in zip(values, asyncio.run(run())):
+        shown = value if kind == "number" else f"{len(value)} chars"
+        assert r.status_code < 500, (path, field, shown, r.status_code, r.text[:300])
+        assert "Traceback" not in r.text
+    if kind == "string":
+        assert r.status_code == 400, (path, field, r.text[:300])  # one past the bound
+    else:  # 10^20 is past every number's bound: no field takes it unbounded
+        huge = dict(zip([str(v) for v in values], asyncio.run(run())))[str(10**20)]
+        assert huge.status_code == 400, (path, field, huge.text[:300])
