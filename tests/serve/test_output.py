@@ -101,7 +101,7 @@ def test_a_stop_string_aborts_its_sample_in_the_engine(client, app):
     assert f"{r.id}#0" in aborted  # sample 0 was stopped in the engine, not run to its end
     assert r.id not in app[1].debug.remote("finished").result()
     stats = app[1].stats.remote().result()
-    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks
 
 
 @pytest.mark.parametrize("stream", [False, True])
