@@ -186,3 +186,24 @@ def test_lm_eval_harness_loglikelihood_task_runs(app, tmp_path, monkeypatch):
             ref = logsoftmax_by_recompute(demo_checkpoint(), whole)
             expected = sum(float(ref[p - 1, whole[p]]) for p in range(len(ctx), len(whole)))
             assert loglikelihood == pytest.approx(expected, abs=1e-3)
+
+
+def test_logit_bias_steers_the_real_sampler_and_a_huge_top_k_is_a_400(client, app):
+    """logit_bias works end to end (API -> SamplingParams -> the workers' sampler): +100 on
+    one token makes greedy decoding emit only it. A 10^20 top_k, which once overflowed the
+    sampler and killed the engine for everyone, is a 400, and the engine serves on."""
+    token = 1428
+    r = client.completions.create(model=MODEL, prompt=[200006, 1428, 200008], max_tokens=4, temperature=0.0,
+                                  logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+    plain = client.completions.create(model=MODEL, prompt=[200006, 1428, 200008], max_tokens=4, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=1.0,
+                                       extra_body={"top_k": 10**20})
+    assert "top_k" in str(e.value)
+    # the biased run: every token is the forced one (its text repeated), the unbiased run is not
+    from gptoss_ray.harmony.encoding import decode
+
+    assert r.choices[0].text == decode([token]) * 4 != plain.choices[0].text
+    assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices[0].finish_reason
