@@ -35,3 +35,23 @@ def test_batched_decode_equals_per_sequence(window, heads):
     torch.testing.assert_close(batched, looped, atol=1e-5, rtol=1e-5)
     # the public entry point takes the batched path for pure decode steps
     torch.testing.assert_close(paged_attention_ref(q, k_cache, v_cache, tables, cu, ctx, sinks, 0.25, window), batched)
+
+
+def test_unmasked_kv_write_writes_exactly_the_given_slots():
+    """store_kv(skip_negative=False), the pure-decode write: the given slots get k and v,
+    every other slot keeps its NaN; the masked write agrees where no slot is -1."""
+    from gptoss_kernels.attention import store_kv
+
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    slots = torch.tensor([9, 2, 14])
+    caches = [torch.full((4, 4, 2, 4), float("nan")) for _ in range(4)]
+    store_kv(k, v, caches[0], caches[1], slots, skip_negative=False)
+    store_kv(k, v, caches[2], caches[3], slots)
+    for got, want in zip(caches[:2], caches[2:]):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    flat_k = caches[0].view(-1, 2, 4)
+    torch.testing.assert_close(flat_k[slots], k)
+    others = torch.ones(16, dtype=torch.bool)
+    others[slots] = False
+    assert flat_k[others].isnan().all()
