@@ -7,7 +7,8 @@ The fields and their meaning follow vLLM's SamplingParams, which users already k
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 
 from gptoss_ray.errors import SamplingParamsError
 
@@ -25,6 +26,17 @@ MAX_GRAMMAR_CHARS = 1 << 20  # an llguidance grammar (a schema is bounded far be
 # longest one (gptoss_ray/output/stop.py): bounding them bounds the cost per token.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
+
+
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (dividing logits by ~0 would overflow)
+
+# The fields the sampler reads beyond temperature: a row with all of them at their defaults
+# takes the sampler's fast path (`plain_sampling`). Every field is in one of these two
+# tuples (tests/engine/test_params.py), so a new parameter cannot be silently ignored there.
+SAMPLER_FIELDS = ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                  "seed", "min_tokens", "logprobs", "logit_bias", "grammar")
+OTHER_FIELDS = ("n", "temperature", "max_tokens", "stop", "stop_token_ids", "ignore_eos", "prompt_logprobs",
+                "skip_special_tokens")
 
 
 def _is_int(x: object) -> bool:
@@ -114,10 +126,33 @@ class SamplingParams:
                 param="min_tokens",
             )
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+    # --- flags derived from the fields, in this one place -------------------------------------
+    # Read per row per step by the engine, worker and sampler, so computed once (cached);
+    # SamplingParams are not changed after they reach the engine.
 
+    @cached_property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @cached_property
+    def has_penalty(self) -> bool:
+        """Presence, frequency or repetition penalty (the sampler needs the token history)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @cached_property
+    def plain_sampling(self) -> bool:
+        """Nothing but temperature / greedy: the sampler's fast path."""
+        return all(getattr(self, name) == _DEFAULTS[name] for name in SAMPLER_FIELDS)
+
+    @cached_property
+    def plain_output(self) -> bool:
+        """No logprobs to hand out with the tokens (the engine's per-token fast path; stop
+        strings are the frontend's output processor's, so they do not count here)."""
+        return self.logprobs is None and self.prompt_logprobs is None
+
+
+
+_DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLER_FIELDS}
 
 @dataclass
 class TokenDelta:

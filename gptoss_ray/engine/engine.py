@@ -122,7 +122,6 @@ class LLMEngine:
                        stop_ids=frozenset(p.stop_token_ids) | eos,
                        max_output_tokens=min(p.max_tokens or self.max_model_len, self.max_model_len - num_prompt),
                        spawn_pending=index == 0 and p.n > 1)
-        seq.fast_path = not (p.logprobs is not None or seq.spawn_pending or p.prompt_logprobs is not None)
         req.seqs.append(seq)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq, front=index > 0)  # later samples of an old request go first
@@ -228,9 +227,7 @@ class LLMEngine:
         bs = self.worker_config.block_size
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            num_full = seq.num_computed_tokens // bs
-            if num_full > seq.num_registered_blocks:
-                self.kv[seq.rank].register_computed(seq, num_full)
+            self.kv[seq.rank].register_computed(seq, seq.num_computed_tokens // bs)
         loads = [r.expert_load for r in results if r.expert_load is not None]
         if loads:  # each rank counts its own tokens' routing over all experts: the sum is the model's
             self.expert_load = [[sum(col) for col in zip(*layers)] for layers in zip(*loads)]
@@ -262,7 +259,6 @@ class LLMEngine:
         req = self.requests[seq.request_id]
         if seq.spawn_pending:  # sample 0's prompt is in the cache now: start the others
             seq.spawn_pending = False
-            seq.fast_path = seq.params.logprobs is None and seq.params.prompt_logprobs is None
             req.children_spawned = True
             for index in range(req.params.n - 1, 0, -1):
                 self._add_seq(req, index, rank_hint=seq.rank)

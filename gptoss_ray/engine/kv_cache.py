@@ -11,11 +11,15 @@ tokens), so equal names mean equal KV. Freed blocks keep their name and stay fin
 until the pool reuses them (least recently freed first). A hit needs the full blocks of
 the prefix and the sliding blocks inside the window at the prefix's end; at least one
 prompt token is always recomputed so the sequence gets logits to sample from.
+
+The manager owns each admitted sequence's `BlockTable` (keyed by seq_id, dropped by
+`free`): sequences carry their tokens and prefix hashes, never physical block ids.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates
 from gptoss_ray.engine.sequence import Sequence
@@ -71,9 +75,20 @@ class BlockPool:
         self.block_hash = [None] * self.num_blocks
 
 
+@dataclass(eq=False)
+class BlockTable:
+    """One sequence's blocks on one rank: physical block id per logical block (position //
+    block_size), one list per layer kind, and how far recycling and prefix naming got."""
+
+    full: list[int] = field(default_factory=list)
+    sliding: list[int] = field(default_factory=list)  # -1 for blocks recycled behind the window
+    num_sliding_freed: int = 0  # leading `sliding` entries already recycled (-1)
+    num_registered: int = 0  # leading `full` blocks already named in the prefix cache
+
+
 class KVCacheManager:
-    """Per-rank block manager. Mutates the sequences' block tables and records every
-    changed table entry in `updates` for the next StepPlan."""
+    """Per-rank block manager. Owns the block table of every sequence admitted on its rank
+    and records every changed table entry in `updates` for the next StepPlan."""
 
     def __init__(
         self, num_blocks: int, num_sliding_blocks: int, block_size: int, sliding_window: int | None
@@ -84,6 +99,7 @@ class KVCacheManager:
         self.window = sliding_window if num_sliding_blocks > 0 else None
         self.sliding = BlockPool(num_sliding_blocks) if self.window else None
         self.updates = {FULL: BlockTableUpdates(), SLIDING: BlockTableUpdates()}
+        self.tables: dict[int, BlockTable] = {}  # seq_id -> its blocks, from allocate() to free()
         self.num_hit_tokens = 0  # prefix-cache hits, in tokens
         self.num_query_tokens = 0  # prompt tokens looked up in the prefix cache
 
@@ -96,6 +112,9 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         return 1.0 - self.full.num_free / self.full.num_blocks
+
+    def table(self, seq: Sequence) -> BlockTable:
+        return self.tables[seq.seq_id]
 
     def reset_prefix_cache(self) -> None:
         for pool in (self.full, self.sliding):
@@ -157,24 +176,27 @@ class KVCacheManager:
 
     # --- changes ---------------------------------------------------------------------------
 
-    def _set(self, kind: str, seq: Sequence, col: int, block: int) -> None:
-        table = seq.block_table if kind == FULL else seq.sliding_table
-        if col == len(table):
-            table.append(block)
+    def _set(self, kind: str, seq_id: int, table: BlockTable, col: int, block: int) -> None:
+        blocks = table.full if kind == FULL else table.sliding
+        if col == len(blocks):
+            blocks.append(block)
         else:
-            table[col] = block
+            blocks[col] = block
         u = self.updates[kind]
-        u.seq_ids.append(seq.seq_id)
+        u.seq_ids.append(seq_id)
         u.cols.append(col)
         u.blocks.append(block)
 
     def allocate(self, seq: Sequence, num_hit_blocks: int, num_new_tokens: int) -> None:
         """Admit `seq`: take its cached prefix blocks, then blocks for `num_new_tokens`.
         The caller checked `can_allocate`."""
+        assert seq.seq_id not in self.tables, "allocate() of a sequence that holds blocks"
+        sid, table = seq.seq_id, BlockTable(num_registered=num_hit_blocks)
+        self.tables[sid] = table
         for col in range(num_hit_blocks):
             block = self.full.lookup(seq.block_hashes[col])
             self.full.acquire(block)
-            self._set(FULL, seq, col, block)
+            self._set(FULL, sid, table, col, block)
         if self.sliding is not None:
             first = self._first_needed_block(num_hit_blocks * self.block_size)
             for col in range(num_hit_blocks):
@@ -182,10 +204,9 @@ class KVCacheManager:
                 if col >= first:
                     block = self.sliding.lookup(seq.block_hashes[col])
                     self.sliding.acquire(block)
-                self._set(SLIDING, seq, col, block)
-            seq.num_sliding_freed = min(first, num_hit_blocks)
+                self._set(SLIDING, sid, table, col, block)
+            table.num_sliding_freed = min(first, num_hit_blocks)
         seq.num_computed_tokens = num_hit_blocks * self.block_size
-        seq.num_registered_blocks = num_hit_blocks
         if not seq.admitted_once:
             seq.admitted_once = True
             seq.num_cached_tokens = seq.num_computed_tokens
@@ -196,50 +217,51 @@ class KVCacheManager:
         """Blocks for the next `num_new_tokens` of a running sequence. Sliding blocks that
         fell behind the window are recycled first. False (nothing taken) if the pool is short.
         Called for every running sequence every step: the common case returns early."""
-        bs = self.block_size
+        bs, sid, table = self.block_size, seq.seq_id, self.tables[seq.seq_id]
         if self.sliding is not None:
             first = (seq.num_computed_tokens - self.window + 1) // bs
-            if first > seq.num_sliding_freed:
-                self._recycle_sliding(seq, min(first, len(seq.sliding_table)))
-        need = -(-(seq.num_computed_tokens + num_new_tokens) // bs) - len(seq.block_table)
+            if first > table.num_sliding_freed:
+                self._recycle_sliding(sid, table, min(first, len(table.sliding)))
+        need = -(-(seq.num_computed_tokens + num_new_tokens) // bs) - len(table.full)
         if need <= 0:
             return True
         if need > self.full.num_free or (self.sliding is not None and need > self.sliding.num_free):
             return False
         for _ in range(need):
-            self._set(FULL, seq, len(seq.block_table), self.full.allocate())
+            self._set(FULL, sid, table, len(table.full), self.full.allocate())
             if self.sliding is not None:
-                self._set(SLIDING, seq, len(seq.sliding_table), self.sliding.allocate())
+                self._set(SLIDING, sid, table, len(table.sliding), self.sliding.allocate())
         return True
 
-    def _recycle_sliding(self, seq: Sequence, upto: int) -> None:
-        for col in range(upto - 1, seq.num_sliding_freed - 1, -1):  # deepest first, as free() does
-            self.sliding.release(seq.sliding_table[col])
-            self._set(SLIDING, seq, col, -1)
-        seq.num_sliding_freed = upto
+    def _recycle_sliding(self, seq_id: int, table: BlockTable, upto: int) -> None:
+        for col in range(upto - 1, table.num_sliding_freed - 1, -1):  # deepest first, as free() does
+            self.sliding.release(table.sliding[col])
+            self._set(SLIDING, seq_id, table, col, -1)
+        table.num_sliding_freed = upto
 
     def register_computed(self, seq: Sequence, num_full: int) -> None:
-        """Name the blocks this step filled (the first `num_full`), so later requests can hit them."""
+        """Name the blocks filled so far (the first `num_full`), so later requests can hit
+        them; called every step, so it returns at once when no block filled up."""
+        table = self.tables[seq.seq_id]
+        if num_full <= table.num_registered:
+            return
         self._ensure_hashes(seq, num_full)
-        for col in range(seq.num_registered_blocks, num_full):
-            self.full.register(seq.block_table[col], seq.block_hashes[col])
-            if self.sliding is not None and seq.sliding_table[col] >= 0:
-                self.sliding.register(seq.sliding_table[col], seq.block_hashes[col])
-        seq.num_registered_blocks = num_full
+        for col in range(table.num_registered, num_full):
+            self.full.register(table.full[col], seq.block_hashes[col])
+            if self.sliding is not None and table.sliding[col] >= 0:
+                self.sliding.register(table.sliding[col], seq.block_hashes[col])
+        table.num_registered = num_full
 
     def free(self, seq: Sequence) -> None:
         """Return all of `seq`'s blocks, deepest first: the free list evicts from its front, and
-        deep blocks are the least likely to be shared again."""
-        for block in reversed(seq.block_table):
+        deep blocks are the least likely to be shared again. The table goes with them."""
+        table = self.tables.pop(seq.seq_id)
+        for block in reversed(table.full):
             self.full.release(block)
         if self.sliding is not None:
-            for block in reversed(seq.sliding_table):
+            for block in reversed(table.sliding):
                 if block >= 0:
                     self.sliding.release(block)
-        seq.block_table = []
-        seq.sliding_table = []
-        seq.num_sliding_freed = 0
-        seq.num_registered_blocks = 0
 
 
 def sliding_blocks_needed(window: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> int:

@@ -25,7 +25,6 @@ from gptoss_ray.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 PROMPT_LOGPROB_ROWS = 256  # prompt positions whose [rows, V] logits are held at once
-GREEDY_BELOW = 1e-5  # temperatures below this are greedy (avoids dividing logits by ~0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -65,15 +64,11 @@ class SampledRow(Protocol):
     """What the sampler reads of each sequence it samples (the worker's SeqState): the
     sampler depends on this shape, not on the worker."""
 
-    params: SamplingParams
+    params: SamplingParams  # its derived flags (greedy, plain_sampling, has_penalty) included
     sample_index: int  # which of the request's n samples (mixed into a seeded row's seed)
     row: int  # the sequence's row in TokenHistory
     token_ids: list[int]  # prompt + output so far
     num_prompt_tokens: int
-    greedy: bool
-    temperature: float
-    plain: bool
-    has_penalty: bool
 
     @property
     def num_output_tokens(self) -> int: ...
@@ -112,13 +107,15 @@ class SamplingMetadata:
     def build(cls, states: list[SampledRow], vocab_size: int, eos_token_ids: list[int], device,
               history: TokenHistory | None = None,
               grammar: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplingMetadata:
-        greedy_list = [s.greedy for s in states]
+        greedy_list = [s.params.greedy for s in states]
         meta = cls(temperature=None, greedy=None, all_greedy=all(greedy_list), top_k=None, top_p=None, min_p=None,
                    seeds=[], banned=[], penalties=None, num_logprobs=None, grammar=grammar)
         if not meta.all_greedy:
-            meta.temperature = torch.tensor([s.temperature for s in states]).to(device, non_blocking=True)
+            # 1.0 on greedy rows: their temperature is unused, and may be ~0
+            meta.temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in states]).to(
+                device, non_blocking=True)
             meta.greedy = torch.tensor(greedy_list).to(device, non_blocking=True)
-        if all(s.plain for s in states):  # the common case: nothing but temperature / greedy
+        if all(s.params.plain_sampling for s in states):  # the common case: nothing but temperature / greedy
             return meta
         params = [s.params for s in states]
 
@@ -134,7 +131,7 @@ class SamplingMetadata:
             if any(p.min_p > 0.0 for p in params):
                 meta.min_p = column([p.min_p for p in params], torch.float32)
             meta.seeds = [(i, mix_seed(s.params.seed, s.sample_index, s.num_output_tokens))
-                          for i, s in enumerate(states) if s.params.seed is not None and not s.greedy]
+                          for i, s in enumerate(states) if s.params.seed is not None and not s.params.greedy]
         for i, s in enumerate(states):
             # a grammar decides where a constrained turn ends; banning its only allowed token would leave none
             if s.num_output_tokens < s.params.min_tokens and s.params.grammar is None:
@@ -181,7 +178,7 @@ class TokenHistory:
 
 
 def _build_penalties(states: list[SampledRow], history: TokenHistory | None, device) -> Penalties | None:
-    rows = [i for i, s in enumerate(states) if s.has_penalty]
+    rows = [i for i, s in enumerate(states) if s.params.has_penalty]
     if not rows:
         return None
     sel = [states[i] for i in rows]

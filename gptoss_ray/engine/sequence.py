@@ -38,20 +38,21 @@ class Sequence:
     rank_hint: int = -1  # n>1 samples: sample 0's rank, where the prompt blocks are cached
     on_worker: bool = False  # the rank's worker has this sequence's mirror
     admitted_once: bool = False  # counts the prefix-cache query once per sequence
-    # block ids per logical block; the sliding table has -1 for blocks left behind the window
-    block_table: list[int] = field(default_factory=list)
-    sliding_table: list[int] = field(default_factory=list)
-    num_sliding_freed: int = 0  # leading sliding_table entries already recycled (-1)
+    # Its blocks are in the BlockTable its rank's KVCacheManager holds (kv_cache.py); the
+    # prefix hashes name its tokens, whichever rank it lands on.
     block_hashes: list[int] = field(default_factory=list)  # hash of each full block of token_ids
-    num_registered_blocks: int = 0  # full blocks already entered in the prefix cache
     # Precomputed for the per-token fast path: tokens that may end the sequence (stop ids,
     # EOS unless ignored) and the output length at which it ends.
     stop_ids: frozenset[int] = frozenset()
     max_output_tokens: int = 1 << 62
     spawn_pending: bool = False  # sample 0 of an n>1 request whose other samples wait for its prefill
-    fast_path: bool = True  # no logprobs or pending samples: only stop_ids / length can end it
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
+
+    @property
+    def fast_path(self) -> bool:
+        """No logprobs or pending samples: only stop_ids / length can end it."""
+        return self.params.plain_output and not self.spawn_pending
 
     @property
     def num_tokens(self) -> int:

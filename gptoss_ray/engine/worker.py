@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, PromptLogprobs, StepPlan, StepResult
-from gptoss_ray.engine.sampler import GREEDY_BELOW, Sampler, SamplingMetadata, TokenHistory, prompt_logprobs
+from gptoss_ray.engine.sampler import Sampler, SamplingMetadata, TokenHistory, prompt_logprobs
 from gptoss_ray.engine.structured import GrammarMasks, GrammarState
 from gptoss_ray.sampling_params import SamplingParams
 
@@ -78,21 +78,7 @@ class SeqState:
     params: SamplingParams
     sample_index: int
     row: int  # row in the block-table tensors
-    # derived from params once, for the sampler's per-step batch building
-    greedy: bool = field(init=False)
-    temperature: float = field(init=False)  # 1.0 on greedy rows (unused there)
-    plain: bool = field(init=False)  # nothing but temperature / greedy: the sampler's fast path
-    has_penalty: bool = field(init=False)  # presence, frequency or repetition penalty
     grammar: GrammarState | None = None  # the matcher of a constrained sequence (params.grammar)
-
-    def __post_init__(self) -> None:
-        p = self.params
-        self.greedy = p.temperature < GREEDY_BELOW
-        self.temperature = 1.0 if self.greedy else p.temperature
-        self.has_penalty = bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
-        self.plain = (p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0 and p.seed is None
-                      and not self.has_penalty and p.min_tokens == 0 and p.logprobs is None and not p.logit_bias
-                      and p.grammar is None)
 
     @property
     def num_output_tokens(self) -> int:
@@ -184,7 +170,7 @@ class Worker:
         if (new.params.prompt_logprobs is not None and new.sample_index == 0
                 and new.num_computed_tokens < new.num_prompt_tokens - 1):
             self.prompt_lp_seqs.add(new.seq_id)
-        if state.has_penalty and self.history is None:
+        if state.params.has_penalty and self.history is None:
             self.history = TokenHistory(self.config.max_num_seqs, self.config.max_model_len, self.vocab_size,
                                         self.device)
             for other in self.seqs.values():

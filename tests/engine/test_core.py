@@ -61,7 +61,7 @@ def test_abort_frees_every_block_whether_prefilling_or_decoding(tiny_ckpt):
         engine.step()
     decoding, prefilling = (engine.requests[r].seqs[0] for r in ("decoding", "prefilling"))
     assert decoding.num_output_tokens >= 2 and 0 < prefilling.num_computed_tokens < 60
-    free, held = engine.stats().num_free_blocks, len(prefilling.block_table)
+    free, held = engine.stats().num_free_blocks, len(engine.kv[prefilling.rank].table(prefilling).full)
     assert held >= 5
     engine.abort_request("prefilling")
     assert engine.stats().num_free_blocks == free + held

@@ -144,3 +144,36 @@ def test_invalid_requests_name_the_param(engine, tokens, params, param):
         engine.add_request("bad", tokens, params)
     assert err.value.param == param
     assert not engine.has_unfinished_requests()
+
+
+# --- the flags derived from SamplingParams, in one place ------------------------------------
+
+# One non-default value per sampler field: each must take the row off the sampler's fast path.
+OFF_DEFAULT = {"top_p": 0.9, "top_k": 5, "min_p": 0.1, "presence_penalty": 0.5, "frequency_penalty": 0.5,
+               "repetition_penalty": 1.2, "seed": 1, "min_tokens": 1, "logprobs": 0, "logit_bias": {3: 1.0},
+               "grammar": 'start: "a"'}
+
+
+def test_every_field_is_classified_for_the_fast_paths():
+    from dataclasses import fields
+
+    from gptoss_ray.sampling_params import OTHER_FIELDS, SAMPLER_FIELDS
+
+    names = [f.name for f in fields(SamplingParams)]
+    assert sorted(names) == sorted(SAMPLER_FIELDS + OTHER_FIELDS)
+    assert set(OFF_DEFAULT) == set(SAMPLER_FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(OFF_DEFAULT))
+def test_any_sampler_field_leaves_the_sampler_fast_path(name):
+    assert SamplingParams().plain_sampling
+    assert not SamplingParams(**{name: OFF_DEFAULT[name]}).plain_sampling
+
+
+def test_output_fast_path_and_greedy_flags():
+    assert SamplingParams().plain_output and SamplingParams(n=3, max_tokens=5).plain_output
+    for kw in ({"logprobs": 0}, {"prompt_logprobs": 0}):
+        assert not SamplingParams(**kw).plain_output, kw
+    assert SamplingParams(temperature=0.0).greedy and SamplingParams(temperature=1e-6).greedy
+    assert not SamplingParams(temperature=0.5).greedy
+    assert SamplingParams(repetition_penalty=1.1).has_penalty and not SamplingParams(min_p=0.2).has_penalty

@@ -64,8 +64,9 @@ def test_sliding_blocks_behind_the_window_are_recycled():
     for _ in range(3):  # decode: each step recycles what falls behind the window
         step(sched)
     # the last step's query (position 23) sees keys >= 16: blocks 0..3 (positions 0..15) are gone
-    assert s.sliding_table[:4] == [-1] * 4 and min(s.sliding_table[4:]) >= 0
-    assert len(s.block_table) == 6 and min(s.block_table) >= 0
+    table = kv[0].table(s)
+    assert table.sliding[:4] == [-1] * 4 and min(table.sliding[4:]) >= 0
+    assert len(table.full) == 6 and min(table.full) >= 0
     assert kv[0].sliding.num_free == 32 - 2 and kv[0].full.num_free == 32 - 6
     updates = kv[0].updates[SLIDING]
     assert updates.blocks == [] and kv[0].updates[FULL].blocks == []  # drained into the plans
