@@ -79,6 +79,7 @@ class HarmonyStreamParser:
         self._text: dict[str, list[str]] = {"reasoning": [], "content": []}
         self._enc = get_encoding()
         self._parser: StreamableParser | None = StreamableParser(self._enc, Role.ASSISTANT, strict=False)
+        self._state = self._parser.state  # cached: see _query_state
         self._header: list[int] = []  # tokens of the header being parsed (not yet delivered)
         self._header_idx: list[int] = []  # their positions in token_is_content
         self._cur = -1  # position of the token being fed
@@ -103,7 +104,7 @@ class HarmonyStreamParser:
             self.num_tokens += 1
             self._cur = len(self.token_is_content)
             self.token_is_content.append(None)
-            before = self._parser.state if self._parser is not None else None
+            before = self._state if self._parser is not None else None
             if self._parser is None:
                 self._feed_raw(token, deltas)
             else:
@@ -137,7 +138,7 @@ class HarmonyStreamParser:
         parser = self._parser
         if parser is None:  # raw fallback: everything but stop tokens is shown as content
             return token not in stop_token_ids()
-        return (before == StreamState.CONTENT and parser.state == StreamState.CONTENT
+        return (before == StreamState.CONTENT and self._state == StreamState.CONTENT
                 and not self._in_call and parser.current_channel != "analysis")
 
     # --- grammar path -------------------------------------------------------------
@@ -145,7 +146,7 @@ class HarmonyStreamParser:
     def _feed_parser(self, token: int, deltas: list[Delta]) -> None:
         parser = self._parser
         assert parser is not None
-        before = parser.state
+        before = self._state
         was_analysis = before == StreamState.CONTENT and parser.current_channel == "analysis"
         try:
             parser.process(token)
@@ -153,7 +154,7 @@ class HarmonyStreamParser:
             self._malformed(f"harmony parse error ({e})")
             self._enter_raw(self._header + [token], self._header_idx + [self._cur], deltas)
             return
-        state = parser.state
+        state = self._state = self._query_state(token, before)
         if was_analysis or (state == StreamState.CONTENT and parser.current_channel == "analysis"):
             self.num_reasoning_tokens += 1
         if state == StreamState.HEADER:
@@ -183,6 +184,14 @@ class HarmonyStreamParser:
             else:
                 kind = "reasoning" if parser.current_channel == "analysis" else "content"
                 self._emit_text(kind, piece, deltas)
+
+    def _query_state(self, token: int, before: StreamState) -> StreamState:
+        """The parser's state after `token`. harmony's `state` serializes the current
+        message's tokens (its cost grows with the message), so the common case is not asked:
+        a plain token inside a message's content leaves it in the content."""
+        if before == StreamState.CONTENT and not self._enc.is_special_token(token):
+            return StreamState.CONTENT
+        return self._parser.state
 
     def _start_message(self, parser: StreamableParser, header: list[int], idx: list[int],
                        deltas: list[Delta]) -> None:
@@ -240,6 +249,7 @@ class HarmonyStreamParser:
         if token == START_TOKEN:  # the model may be back on track: resume parsing
             self._flush_raw(deltas)
             self._parser = StreamableParser(self._enc, None, strict=False)
+            self._state = self._parser.state
             self._feed_parser(token, deltas)
             return
         if token not in stop_token_ids():
