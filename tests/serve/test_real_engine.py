@@ -207,3 +207,34 @@ def test_logit_bias_steers_the_real_sampler_and_a_huge_top_k_is_a_400(client, ap
 
     assert r.choices[0].text == decode([token]) * 4 != plain.choices[0].text
     assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).choices[0].finish_reason
+def test_chat_logprobs_for_every_content_token(client):
+    # The random demo model writes no harmony header: its output is plain text, and every
+    # token of it produced content (min_tokens keeps the stop tokens out), header-length
+    # prefix included (it was 32 of 64 before the parser decided those tokens late).
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=64, temperature=0.0, logprobs=True,
+                                       extra_body={"min_tokens": 64, "ignore_eos": True})
+    choice = r.choices[0]
+    assert r.usage.completion_tokens == 64 and not getattr(choice.message, "reasoning_content", None)
+    assert choice.message.content and len(choice.logprobs.content) == 64
+
+
+def test_completions_stop_string_cut_at_the_exact_character(client):
+    kw = dict(model=MODEL, prompt=[200006, 1428, 200008], max_tokens=24, temperature=0.0, logprobs=0,
+              extra_body={"ignore_eos": True, "skip_special_tokens": False})  # text = the tokens' texts joined
+    base = client.completions.create(**kw).choices[0]
+    tokens = base.logprobs.tokens  # each token's text: their lengths place the cut
+    clean = next((i for i, t in enumerate(tokens) if "\ufffd" in t), len(tokens))  # before any split character
+    ends = [len("".join(tokens[: k + 1])) for k in range(len(tokens))]
+    k = next(i for i in range(4, clean) if ends[i] - ends[i - 1] >= 3)
+    stop = base.text[ends[k - 1] + 1: ends[k - 1] + 3]  # starts inside token k: its first character stays
+    cut = base.text.index(stop)
+    for stream in (False, True):
+        r = client.completions.create(stop=[stop], stream=stream, **kw)
+        if stream:
+            chunks = list(r)
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+        else:
+            text = r.choices[0].text
+            assert r.choices[0].finish_reason == "stop"
+            assert r.usage.completion_tokens == next(i for i, e in enumerate(ends) if e >= cut + len(stop)) + 1
+        assert text == base.text[:cut]
