@@ -23,6 +23,11 @@ from gptoss_ray.errors import ConfigError
 
 ALLOW_LONG_MAX_MODEL_LEN_ENV = "GPTOSS_RAY_ALLOW_LONG_MAX_MODEL_LEN"
 
+# The layer kinds, as config.json spells them; also the keys of the KV pools, block tables
+# and attention metadata per kind (engine/plan.py, model/attention.py).
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
 LayerType = Literal["sliding_attention", "full_attention"]
 
 
@@ -103,7 +108,7 @@ class ModelConfig(BaseModel):
         if not self.layer_types:
             # transformers' default: layer 0 sliding, layer 1 full, ...
             default = tuple(
-                "sliding_attention" if i % 2 == 0 else "full_attention"
+                SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION
                 for i in range(self.num_hidden_layers)
             )
             object.__setattr__(self, "layer_types", default)

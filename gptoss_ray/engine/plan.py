@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gptoss_ray.config import FULL_ATTENTION as FULL
+from gptoss_ray.config import SLIDING_ATTENTION as SLIDING
 from gptoss_ray.sampling_params import SamplingParams
-
-FULL = "full_attention"
-SLIDING = "sliding_attention"
 
 
 @dataclass

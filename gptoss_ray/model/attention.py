@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from gptoss_kernels.ops import paged_attention, store_kv
-from gptoss_ray.config import ModelConfig
+from gptoss_ray.config import LAYER_TYPES, SLIDING_ATTENTION, ModelConfig
 from gptoss_ray.model.rope import rotate
 
-LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -73,7 +72,7 @@ class Attention(nn.Module):
         c = config
         self.layer_type = layer_type
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.window = c.sliding_window if layer_type == "sliding_attention" else None
+        self.window = c.sliding_window if layer_type == SLIDING_ATTENTION else None
         self.sm_scale = c.head_dim**-0.5
         kw = dict(bias=c.attention_bias, dtype=dtype, device=device)
         # q, k and v as one GEMM: the checkpoint's q_proj / k_proj / v_proj are row ranges of

@@ -24,12 +24,11 @@ from gptoss_ray.output import OutputProcessor, SampleOutput
 from gptoss_ray.sampling_params import SamplingParams
 from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError, sse_error
-from gptoss_ray.serve.protocol import CompletionRequest
+from gptoss_ray.serve.protocol import VOCAB_LIMIT, CompletionRequest
 from gptoss_ray.serve.sampling import build_sampling_params, completion_logprobs, usage
 from gptoss_ray.serve.structured import constrain, dump
 
 MAX_BATCH = 64
-VOCAB_LIMIT = 201088
 
 
 @dataclass

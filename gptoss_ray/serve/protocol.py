@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from gptoss_ray.config import HARMONY_VOCAB_SIZE
 from gptoss_ray.sampling_params import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from gptoss_ray.serve.errors import OpenAIError
 
@@ -24,7 +25,7 @@ MAX_N = 16  # samples per request: n beyond this is a denial-of-service, not a u
 MAX_TOKENS = 1 << 24  # far beyond any context length: larger is a typo or an attack, not a request
 MAX_TOP_K = 1 << 20  # above the vocabulary (201,088): such a top_k keeps every token
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
-VOCAB_LIMIT = 201088  # o200k_harmony's vocabulary: token ids a client may name
+VOCAB_LIMIT = HARMONY_VOCAB_SIZE  # o200k_harmony's vocabulary: token ids a client may name
 MAX_JSON_DEPTH = 64  # nesting of a request body (tool schemas included); deeper is an attack
 MAX_NAME = 256  # model names, tool names, ids, `user`
 
