@@ -202,7 +202,8 @@ class ServingContext:
                         continue
                     if out.finished:
                         num_finished += 1
-                        self.metrics.observe_finished(out.finish_reason, now - start,
+                        reason = "stop" if out.finish_reason == "tool_calls" else out.finish_reason  # vLLM's labels
+                        self.metrics.observe_finished(reason, now - start,
                                                       out.num_prompt_tokens if num_finished == 1 else 0, endpoint)
                         if out.finish_reason == "error":
                             # the engine's text (exception names, paths) is for the log, never the client
