@@ -8,6 +8,7 @@ engine of the serve tests (serve/testing.py) implement `Engine`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,3 +82,33 @@ class Engine(Protocol):
 
 
 EngineFactory = Callable[[EngineConfig], Engine]
+
+
+class EngineStalledError(RuntimeError):
+    """A step has run longer than the step timeout: /health and Serve's health check say so."""
+
+
+class StepClock:
+    """When the engine step in progress started, so a health check can tell a step that
+    never finishes (a hung worker the executor's own timeout missed, or work stuck on the
+    loop thread) from a slow one. One home for the rule, shared by AsyncLLMEngine and the
+    scripted engine, so the live /health test exercises the same check."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None  # monotonic start of the step in progress, if any
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+
+    def stop(self) -> None:
+        self.started = None
+
+    def check(self, limit_s: float) -> None:
+        """Raise EngineStalledError when the step in progress has run past `limit_s`."""
+        started = self.started
+        if started is None:
+            return
+        running = time.monotonic() - started
+        if running > limit_s:
+            raise EngineStalledError(f"the engine step started {running:.0f} s ago has not finished "
+                                     f"(step timeout {limit_s:.0f} s)")

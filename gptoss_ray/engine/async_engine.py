@@ -14,14 +14,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss_ray.config import EngineConfig
 from gptoss_ray.engine.engine import LLMEngine
-from gptoss_ray.engine_api import EngineStats
+from gptoss_ray.engine_api import EngineStalledError, EngineStats, StepClock  # noqa: F401 (EngineStalledError: re-exported)
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -38,10 +37,6 @@ class EngineDeadError(RuntimeError):
     """The step loop stopped on an error (or was shut down); the replica must be replaced."""
 
 
-class EngineStalledError(RuntimeError):
-    """A step has run longer than the step timeout: /health and Serve's health check say so."""
-
-
 # The first steps of a (re)started engine may compile kernels; as the worker group allows.
 _WARMUP_STEPS = 2
 _WARMUP_STEP_TIMEOUT_S = 300.0
@@ -56,7 +51,7 @@ class AsyncLLMEngine:
         self._wakeup = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
-        self._step_started: float | None = None  # monotonic start of the step in progress, if any
+        self._step = StepClock()
         self._thread = threading.Thread(target=self._loop, name="gptoss-engine-loop", daemon=True)
         self._thread.start()
 
@@ -109,16 +104,10 @@ class AsyncLLMEngine:
         await asyncio.to_thread(self.engine.executor.check_health)
 
     def _check_not_stalled(self) -> None:
-        started = self._step_started
-        if started is None:
-            return
         limit = self.engine.config.step_timeout_s
         if self.engine.num_steps <= _WARMUP_STEPS:
             limit = max(limit, _WARMUP_STEP_TIMEOUT_S)
-        running = time.monotonic() - started
-        if running > limit:
-            raise EngineStalledError(f"the engine step started {running:.0f} s ago has not finished "
-                                     f"(step timeout {limit:.0f} s)")
+        self._step.check(limit)
 
     async def shutdown(self) -> None:
         if self._stopping:
@@ -153,7 +142,7 @@ class AsyncLLMEngine:
             if not self.engine.has_unfinished_requests():
                 self._wakeup.wait(timeout=1.0)
                 continue
-            self._step_started = time.monotonic()
+            self._step.start()
             try:
                 deltas = self.engine.step()
             except Exception as e:  # a bug or a dead worker: every request fails, the replica is dead
@@ -162,7 +151,7 @@ class AsyncLLMEngine:
                 self._fail_streams("error", f"engine step failed: {e!r}")
                 return
             finally:
-                self._step_started = None
+                self._step.stop()
             self._deliver(deltas)
 
     def _run_commands(self) -> None:

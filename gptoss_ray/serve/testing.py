@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 
 from gptoss_ray.config import EngineConfig
-from gptoss_ray.engine_api import EngineStats
+from gptoss_ray.engine_api import EngineStats, StepClock
 from gptoss_ray.harmony.encoding import decode, get_encoding
 from gptoss_ray.sampling_params import SamplingParams, TokenDelta
 
@@ -46,8 +46,11 @@ SCRIPTS = {
     # a stop string early in a long, slow reply: only an abort ends it soon
     "slow_stop": f"{_A}r{_NEXT}<|channel|>final<|message|>alpha STOP " + " ".join(["more"] * 600),
     "error": "<|channel|>final<|message|>partial",
+    # its first step stalls STALL_S (bounded): longer than a short step_timeout_s, so /health turns 503
+    "stall": f"{_A}Stalled, then fine.{_NEXT}<|channel|>final<|message|>Back.<|return|>",
 }
 SLOW_DELAY_S = 0.02
+STALL_S = 4.0
 _MARKER = re.compile(r"\[\[script:(\w+)\]\]")
 
 
@@ -67,6 +70,7 @@ class ScriptedEngine:
         self._finished: list[str] = []
         self.dead = False
         self._num_requests = 0
+        self._step = StepClock()  # the real engine's stall rule: check_health reads it
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenDelta]:
         if self.dead:
@@ -98,6 +102,12 @@ class ScriptedEngine:
         limit = params.max_tokens or self.max_model_len - num_prompt
         for start in range(0, len(script), self.tokens_per_step):
             await asyncio.sleep(SLOW_DELAY_S if name.startswith("slow") else 0)
+            if name == "stall" and start == 0:  # a step that does not finish in the step timeout
+                self._step.start()
+                try:
+                    await asyncio.sleep(STALL_S)
+                finally:
+                    self._step.stop()
             if (request_id, index) in self._aborted_samples:
                 yield TokenDelta(request_id=request_id, index=index, finish_reason="abort", num_prompt_tokens=num_prompt)
                 return
@@ -141,6 +151,7 @@ class ScriptedEngine:
     async def check_health(self) -> None:
         if self.dead:
             raise RuntimeError("scripted engine is dead")
+        self._step.check(self.config.step_timeout_s)
 
     async def shutdown(self) -> None:
         self._held.clear()
