@@ -26,6 +26,9 @@ MAX_GRAMMAR_CHARS = 1 << 20  # an llguidance grammar (a schema is bounded far be
 # longest one (gptoss_ray/output/stop.py): bounding them bounds the cost per token.
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
+# A token the distribution excludes (a grammar's mask, top-k) has logprob -inf, which JSON
+# cannot carry: reported logprobs are clamped here, as vLLM reports -9999.0.
+LOGPROB_FLOOR = -9999.0
 
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (dividing logits by ~0 would overflow)

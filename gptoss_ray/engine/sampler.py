@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from gptoss_ray.engine.structured import apply_token_bitmask
-from gptoss_ray.sampling_params import SamplingParams
+from gptoss_ray.sampling_params import LOGPROB_FLOOR, SamplingParams
 
 _MASK64 = (1 << 64) - 1
 PROMPT_LOGPROB_ROWS = 256  # prompt positions whose [rows, V] logits are held at once
@@ -202,10 +202,10 @@ class SamplerOutput:
 def logprob_entries(logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]) -> list[dict[int, float]]:
     """Per row of log-probabilities [R, V]: {token id: logprob} of the row's token [R] and
     its ks[r] most likely tokens (the users' format of sampled and prompt logprobs alike)."""
-    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()  # [R]
+    chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1).clamp(min=LOGPROB_FLOOR).tolist()  # [R]
     k_max = max(ks, default=0)
     top_v, top_i = logprobs.topk(k_max, dim=-1) if k_max else (logprobs[:, :0], logprobs[:, :0].long())
-    top_v, top_i = top_v.tolist(), top_i.tolist()
+    top_v, top_i = top_v.clamp(min=LOGPROB_FLOOR).tolist(), top_i.tolist()
     entries = []
     for j, (token, k) in enumerate(zip(tokens.tolist(), ks)):
         entry = dict(zip(top_i[j][:k], top_v[j][:k]))

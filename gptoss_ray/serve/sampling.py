@@ -8,7 +8,7 @@ from typing import Any
 
 from gptoss_ray.errors import SamplingParamsError
 from gptoss_ray.harmony.encoding import decode, token_bytes
-from gptoss_ray.sampling_params import SamplingParams
+from gptoss_ray.sampling_params import LOGPROB_FLOOR, SamplingParams
 from gptoss_ray.serve.errors import OpenAIError
 
 
@@ -67,7 +67,7 @@ def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, float]]
     out = []
     for token, entry in zip(token_ids, logprobs):
         out.append({
-            "token": decode([token]), "logprob": float(entry.get(token, float("-inf"))),
+            "token": decode([token]), "logprob": float(entry.get(token, LOGPROB_FLOOR)),
             "bytes": list(token_bytes(token)),
             "top_logprobs": [{"token": decode([t]), "logprob": float(lp), "bytes": list(token_bytes(t))}
                              for t, lp in _top(entry, k)],
@@ -83,7 +83,7 @@ def completion_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, f
     for token, entry in zip(token_ids, logprobs):
         text = decode([token])
         out["tokens"].append(text)
-        out["token_logprobs"].append(None if entry is None else float(entry.get(token, float("-inf"))))
+        out["token_logprobs"].append(None if entry is None else float(entry.get(token, LOGPROB_FLOOR)))
         out["top_logprobs"].append(None if entry is None else {decode([t]): float(lp) for t, lp in _top(entry, k)})
         out["text_offset"].append(text_offset)
         text_offset += len(text)

@@ -17,7 +17,7 @@ from gptoss_ray.harmony import grammar as hg
 from gptoss_ray.harmony.encoding import decode
 from gptoss_ray.harmony.parse import HarmonyStreamParser
 from gptoss_ray.harmony.render import encode_text, render_chat
-from gptoss_ray.sampling_params import SamplingParams
+from gptoss_ray.sampling_params import LOGPROB_FLOOR, SamplingParams
 
 CHANNEL = 200005  # <|channel|>
 TOOLS = [
@@ -126,7 +126,9 @@ def test_logprobs_are_of_the_masked_distribution(engine, chat_prompt):
     # budget 0: `<|channel|>final<|message|>` is forced, so the first token has all the mass
     first = logprobs[0]
     assert first[CHANNEL] == pytest.approx(0.0, abs=1e-6)
-    assert all(t == CHANNEL or math.isinf(lp) for t, lp in first.items())
+    # the masked tokens' -inf is reported as the finite floor: JSON cannot carry -inf
+    assert all(t == CHANNEL or lp == LOGPROB_FLOOR for t, lp in first.items()) and len(first) == 3
+    json.dumps(logprobs and [{str(t): lp for t, lp in e.items()} for e in logprobs], allow_nan=False)
 
 
 def test_preemption_rebuilds_the_matcher_instead_of_advancing_it_twice(tiny_ckpt):

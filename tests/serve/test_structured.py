@@ -164,3 +164,12 @@ def test_responses_grammar_shapes_compile():
     assert hg.responses_grammar({"type": "text"}, None, "auto", 64) is None
     with pytest.raises(GrammarError):
         hg.responses_grammar(None, tools, {"type": "function", "name": "other"}, 64)
+
+
+def test_logprobs_of_tokens_the_grammar_masks_are_finite(client):
+    # After "true"/"false" only <|return|> is allowed: the other top tokens have -inf logprobs,
+    # which JSON cannot carry (a 500 before they were clamped to vLLM's floor).
+    r = client.completions.create(model=MODEL, prompt="Yes?", max_tokens=8, temperature=0.0, logprobs=5,
+                                  extra_body={"response_format": _json_format({"type": "boolean"})})
+    assert r.choices[0].text in ("true", "false")
+    assert any(lp == -9999.0 for top in r.choices[0].logprobs.top_logprobs for lp in top.values())
