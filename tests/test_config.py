@@ -88,7 +88,7 @@ def test_hf_dict_round_trip():
 
 
 def test_max_model_len_beyond_the_models_context_is_refused_unless_allowed(monkeypatch):
-    from gptoss_ray.config import ALLOW_LONG_MAX_MODEL_LEN_ENV, EngineConfig, ModelConfig, check_max_model_len
+    from gptoss_ray.config import ALLOW_LONG_MAX_MODEL_LEN_ENV, EngineConfig, check_max_model_len
     from gptoss_ray.errors import ConfigError
 
     monkeypatch.delenv(ALLOW_LONG_MAX_MODEL_LEN_ENV, raising=False)

@@ -221,7 +221,7 @@ class ServingContext:
             if not processor.finished:
                 self.abort_later(request_id)
             raise
-        except Exception as e:  # Ray errors: replica died, actor unavailable
+        except Exception:  # Ray errors: replica died, actor unavailable
             logger.exception("engine call for %s failed", request_id)
             self.abort_later(request_id)
             raise OpenAIError(503, "the engine is unavailable", code="engine_unavailable",

@@ -4,7 +4,6 @@ makes its output valid, so every check here is a check of the grammar, the mask 
 from __future__ import annotations
 
 import json
-import math
 
 import jsonschema
 import pytest

@@ -5,7 +5,6 @@ and checks what a client would see, streamed (pieces joined) and whole alike."""
 
 from __future__ import annotations
 
-import pytest
 
 from gptoss_ray.harmony.encoding import get_encoding
 from gptoss_ray.output import OutputProcessor
