@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gptoss_ray.errors import ConfigError
 
@@ -303,6 +303,18 @@ class EngineConfig(BaseModel):
         "take at most a quarter of the memory available, and never on GPUs, whose Triton kernel reads the "
         "packed weights.",
     )
+    enforce_eager: bool = Field(
+        False, description="vLLM's flag: no CUDA graphs; every step runs eagerly (on CPU there are none anyway)."
+    )
+    static_decode: bool | None = Field(
+        None, description="Run pure-decode steps through the static decode runner (fixed buffers, batch padded to "
+        "cuda_graph_sizes; CUDA graphs on CUDA unless enforce_eager). None = on CUDA with ep_size 1 unless "
+        "enforce_eager, off on CPU (GPTOSS_STATIC_DECODE=1 turns it on there, for tests: same results, no graphs).",
+    )
+    cuda_graph_sizes: list[int] | None = Field(
+        None, description="Decode batch sizes (buckets) the static runner pads to and captures; None = 1, 2, 4, 8, "
+        "16, 24, ... every 8 up to max_num_seqs. A decode step larger than the largest runs eagerly.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement group strategy for the expert-parallel workers."
     )
@@ -322,6 +334,13 @@ class EngineConfig(BaseModel):
         description="A worker that does not answer a step in this time is declared dead (the first steps "
         "of a fresh worker group get longer, for kernel compilation).",
     )
+
+    @field_validator("cuda_graph_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: list[int] | None) -> list[int] | None:
+        if sizes is not None and (not sizes or any(s < 1 or s > 4096 for s in sizes)):
+            raise ValueError("cuda_graph_sizes must be a non-empty list of batch sizes in 1..4096")
+        return sizes
 
     @model_validator(mode="after")
     def _one_kv_budget(self) -> EngineConfig:

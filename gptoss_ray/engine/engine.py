@@ -65,7 +65,9 @@ def build_worker_config(config: EngineConfig) -> tuple[WorkerConfig, ModelConfig
         model_path=str(path), dtype=dtype, device=device, block_size=bs, num_blocks=num_blocks,
         num_sliding_blocks=num_sliding, max_num_seqs=config.max_num_seqs, max_model_len=max_model_len,
         ep_size=config.ep_size, eos_token_ids=tuple(eos_token_ids(model)),
-        dequantize_experts=config.dequantize_experts,
+        dequantize_experts=config.dequantize_experts, enforce_eager=config.enforce_eager,
+        static_decode=config.static_decode,
+        graph_sizes=tuple(config.cuda_graph_sizes) if config.cuda_graph_sizes else None,
     )
     return worker, model
 

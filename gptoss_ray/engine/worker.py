@@ -44,6 +44,9 @@ class WorkerConfig:
     eos_token_ids: tuple[int, ...] = ()  # masked while a sequence is under min_tokens
     seed: int | None = None  # unseeded sampling's generator; None = from the OS
     dequantize_experts: bool | None = None  # unpack MXFP4 experts at load; None = auto (see EngineConfig)
+    enforce_eager: bool = False  # no CUDA graphs
+    static_decode: bool | None = None  # the static decode runner; None = auto (see EngineConfig.static_decode)
+    graph_sizes: tuple[int, ...] | None = None  # decode buckets; None = decode_runner.default_buckets
 
 
 def should_dequantize(choice: bool | None, device: torch.device, model) -> bool:
@@ -106,10 +109,13 @@ class Worker:
         self.block_size = config.block_size
         # Pool per layer type; without sliding layers only the full pool exists.
         num_blocks = {FULL: config.num_blocks, SLIDING: max(config.num_sliding_blocks, 1)}
-        self.kv_caches = self.allocate_kv_cache(num_blocks)
+        static = self._use_static_decode()
+        # The static runner's padding rows write one scratch block per pool, past the blocks
+        # the KV manager knows, read through one extra block-table row (see decode_runner.py).
+        self.kv_caches = self.allocate_kv_cache({k: n + 1 for k, n in num_blocks.items()} if static else num_blocks)
         max_blocks = -(-config.max_model_len // config.block_size)
-        self.block_tables = {  # [R, MB] int32, -1 = no block
-            kind: torch.full((config.max_num_seqs, max_blocks), -1, dtype=torch.int32, device=self.device)
+        self.block_tables = {  # [R (+1 scratch row), MB] int32, -1 = no block
+            kind: torch.full((config.max_num_seqs + static, max_blocks), -1, dtype=torch.int32, device=self.device)
             for kind in (FULL, SLIDING)
         }
         self.seqs: dict[int, SeqState] = {}
@@ -118,6 +124,7 @@ class Worker:
         self.history: TokenHistory | None = None  # token ids on the device, once penalties are used
         self.masks: GrammarMasks | None = None  # bitmask buffers, once a constrained sequence arrives
         self.prompt_lp_seqs: set[int] = set()  # sequences whose prompt logprobs are still to compute
+        self.decode_runner = self._build_decode_runner(num_blocks) if static else None
 
     # --- building ---------------------------------------------------------------------------------
 
@@ -130,6 +137,41 @@ class Worker:
         from gptoss_ray.model.attention import allocate_kv_cache
 
         return allocate_kv_cache(self.model_config, num_blocks, self.block_size, self.dtype, self.device)
+
+    def _use_static_decode(self) -> bool:
+        """EngineConfig.static_decode: an explicit choice stands; auto = on CUDA with one rank
+        unless enforce_eager, off on CPU unless GPTOSS_STATIC_DECODE=1 (tests)."""
+        choice = self.config.static_decode
+        if choice is not None:
+            return choice
+        if os.environ.get("GPTOSS_STATIC_DECODE", "") == "1":
+            return True
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return False
+        if self.config.ep_size > 1:
+            # The expert all-to-all sizes its buffers from the step's counts (a .tolist() sync):
+            # not capturable, so expert-parallel ranks decode eagerly.
+            logger.info("expert parallelism (ep_size %d): no CUDA graphs, decode steps run eagerly",
+                        self.config.ep_size)
+            return False
+        return True
+
+    def _build_decode_runner(self, num_blocks: dict[str, int]):
+        from gptoss_ray.engine.decode_runner import DecodeRunner, default_buckets
+
+        scratch_row = self.config.max_num_seqs
+        for kind, table in self.block_tables.items():
+            table[scratch_row, 0] = num_blocks[kind]  # the pool's extra block: no sequence ever gets it
+        buckets = [b for b in (self.config.graph_sizes or default_buckets(self.config.max_num_seqs))
+                   if b <= self.config.max_num_seqs] or [self.config.max_num_seqs]
+        graphs = self.device.type == "cuda" and not self.config.enforce_eager and self.config.ep_size == 1
+        runner = DecodeRunner(self.model, self.kv_caches, self.block_tables, scratch_row, self.block_size,
+                              buckets, self.device, graphs)
+        if graphs:
+            runner.capture()
+        else:
+            logger.info("static decode runner without CUDA graphs (batch sizes %s)", runner.buckets)
+        return runner
 
     # --- the step -------------------------------------------------------------------------------
 
@@ -199,9 +241,15 @@ class Worker:
             starts.append(start)
             if start + n == len(st.token_ids):  # the chunk reached the end: sample the next token
                 sampled.append(i)
-        attn, positions, last_rows = self._metadata(states, starts, num_new_tokens)
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        hidden = self.model(ids, positions, attn, self.kv_caches)  # [T, H]
+        runner = self.decode_runner
+        if (runner is not None and states and len(input_ids) == len(states)
+                and runner.bucket(len(states)) is not None):  # pure decode that fits a bucket: static/graph
+            hidden = runner.run(input_ids, starts, [st.row for st in states])  # [B, H]: padding cut off
+            last_rows = torch.arange(len(states), device=self.device)
+        else:  # prefill, mixed, or larger than every bucket: eager
+            attn, positions, last_rows = self._metadata(states, starts, num_new_tokens)
+            ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+            hidden = self.model(ids, positions, attn, self.kv_caches)  # [T, H]
         prompt_lp = self._prompt_logprobs(hidden, seq_ids, states, starts, num_new_tokens) if self.prompt_lp_seqs else []
         if not sampled:
             return StepResult(prompt_logprobs=prompt_lp)

@@ -30,6 +30,9 @@ class AttentionMetadata:
     # True when no slot is -1 (decode steps: a sequence's current block always exists), so
     # the KV write needs no mask: no data-dependent shape, nothing to sync on in a CUDA graph.
     all_slots_valid: bool = False
+    # [T] int64, 1 = a real token, 0 = a padding row of the static decode step (counted in no
+    # metric); None = every token is real.
+    valid_tokens: torch.Tensor | None = None
     # Derived once per step by the first layer that needs it (the Triton attention's tile
     # schedule depends only on cu_seqlens_q); the other layers reuse it.
     schedules: dict = field(default_factory=dict)

@@ -133,8 +133,10 @@ class MoE(nn.Module):
         self.expert_counts.zero_()
         self._one.fill_(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """valid_tokens [T] int64 (1 real, 0 padding; None = all real): what the expert-load metric counts."""
         topk_ids, topk_weights = topk_softmax(self.router(x), self.top_k)  # [T, K]: softmax over the chosen K only
         if self.record_expert_load:  # an accumulating index_put, not bincount: no device sync, one op
-            self.expert_counts.index_put_((topk_ids.reshape(-1),), self._one, accumulate=True)
+            counts = self._one if valid_tokens is None else valid_tokens.repeat_interleave(self.top_k)
+            self.expert_counts.index_put_((topk_ids.reshape(-1),), counts, accumulate=True)
         return self.dispatcher(x, topk_ids, topk_weights.to(x.dtype), self.experts)

@@ -41,7 +41,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata, kv_cache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, attn, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), attn.valid_tokens)
 
 
 class GptOssModel(nn.Module):

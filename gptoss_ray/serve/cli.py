@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dequantize-experts", action=argparse.BooleanOptionalAction, default=None,
                         help="unpack MXFP4 experts at load to float32: faster on CPU, 8x their memory "
                         "(default: on CPU when they fit in a quarter of free memory, never on GPUs)")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="no CUDA graphs: every decode step runs eagerly (vLLM's flag)")
+    parser.add_argument("--cuda-graph-sizes", type=int, nargs="+", default=None, metavar="N",
+                        help="decode batch sizes to pad to and capture (default 1 2 4 8 16 24 ... up to max-num-seqs)")
     parser.add_argument("--worker-num-cpus", type=float, default=None, help="logical CPUs per worker actor")
     parser.add_argument("--max-queued-requests", type=int, default=None,
                         help="requests waiting beyond max-num-seqs before 429 (bounded queue)")
@@ -93,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     engine = {"model": model, "ep_size": args.ep_size, "dtype": args.dtype, "device": args.device}
     for name in ("max_model_len", "max_num_seqs", "worker_num_cpus", "max_num_batched_tokens",
                  "kv_cache_memory_gb", "gpu_memory_utilization", "num_kv_blocks", "block_size",
-                 "enable_prefix_caching", "dequantize_experts"):
+                 "enable_prefix_caching", "dequantize_experts", "enforce_eager", "cuda_graph_sizes"):
         if getattr(args, name) is not None:
             engine[name] = getattr(args, name)
     serve_args = {"engine": engine, "served_model_name": args.served_model_name, "api_key": args.api_key,
