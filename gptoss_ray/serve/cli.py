@@ -10,10 +10,13 @@ import argparse
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from gptoss_ray.errors import ConfigError, GptOssError
 from gptoss_ray.serve.config import API_KEY_ENV, DEFAULT_ENGINE_CLS, ServeConfig, serve_logging
@@ -158,6 +161,58 @@ def preflight(config: ServeConfig) -> None:
     check_max_model_len(config.engine, CheckpointReader(path).config)
 
 
+class HeldOutput:
+    """Everything this process writes to stdout/stderr (Ray's start-up lines and the
+    replicas' logs Ray forwards, tracebacks of a failed load included) goes to a file
+    while held. `release()` replays it to stderr and removes the file; `drop()` keeps the
+    file, so `serve` can say one line and where the details are."""
+
+    def __init__(self) -> None:
+        self._log = tempfile.NamedTemporaryFile(prefix="gptoss-ray-serve-", suffix=".log", delete=False)
+        self.path = Path(self._log.name)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self._saved: tuple[int, int] | None = (os.dup(1), os.dup(2))
+        os.dup2(self._log.fileno(), 1)
+        os.dup2(self._log.fileno(), 2)
+
+    def drop(self) -> None:
+        if self._saved is None:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, saved in zip((1, 2), self._saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        self._saved = None
+        self._log.close()
+
+    def release(self) -> None:
+        if self._saved is None:
+            return
+        self.drop()
+        sys.stderr.write(self.path.read_text(errors="replace"))
+        sys.stderr.flush()
+        self.path.unlink(missing_ok=True)
+
+
+def deploy_failure(error: Exception) -> str:
+    """The replica's own error, one line: the last line of the failed deployment's message
+    (its traceback's exception line), else the first line of Serve's error."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get("gptoss")
+        messages = [d.message for d in app.deployments.values() if d.message] if app else []
+    except Exception:  # the controller may be gone: Serve's own error is all there is
+        messages = []
+    for message in messages:
+        lines = [x.strip() for x in message.strip().splitlines() if x.strip()]
+        if lines:
+            return lines[-1][:300]
+    return str(error).strip().splitlines()[0][:300]
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     preflight(config)
@@ -173,26 +228,43 @@ def run(args: argparse.Namespace) -> int:
     # Until the app serves, Ctrl-C raises KeyboardInterrupt here (Python's default handler),
     # which stops Ray and with it a model still loading; afterwards it ends the wait below.
     stop = threading.Event()
-    serving = False
+    deployed = False
+    # A replica that fails to load is retried by Serve, each failure a long traceback Ray
+    # forwards here: hold the output while deploying, stop Ray (and the forwarding) before
+    # letting go of it, and say one line.
+    held = HeldOutput()
     try:
         ray.init(**init)
         serve.start(http_options={"host": config.host, "port": config.port}, logging_config=serve_logging(config))
         try:
             serve.run(build_app(config), name="gptoss", route_prefix="/")
-        except RuntimeError as e:  # the replica failed to start; its traceback is in the log above
-            raise GptOssError(f"the model failed to start: {str(e).strip().splitlines()[0][:300]}") from None
+        except RuntimeError as e:  # the replica failed to start
+            failure = deploy_failure(e)
+            ray.shutdown()
+            held.drop()
+            raise GptOssError(f"the model failed to start: {failure} (full log: {held.path})") from None
+        deployed = True
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        serving = True
+        held.release()
         auth = "API key required" if config.api_key else "no API key"
         print(f"gptoss-ray: serving '{config.model_name}' at http://{config.host}:{config.port}/v1 ({auth}); "
               "Ctrl-C stops", flush=True)
         stop.wait()
     except KeyboardInterrupt:
-        print("gptoss-ray: interrupted while starting; stopping", file=sys.stderr, flush=True)
+        if not deployed:
+            ray.shutdown()  # while held: the loading replica's last words stay in the log
+            held.drop()
+            print(f"gptoss-ray: interrupted while starting; stopping (log: {held.path})", file=sys.stderr, flush=True)
+            raise
+        held.release()  # Ctrl-C in the instant between deploying and waiting: a normal stop
+    except BaseException:
+        ray.shutdown()
+        held.drop()
         raise
     finally:
-        if serving:  # a graceful stop drains replicas; while loading there is nothing to drain
+        held.release()
+        if deployed:  # a graceful stop drains replicas; while loading there is nothing to drain
             serve.shutdown()
         ray.shutdown()
     return 0

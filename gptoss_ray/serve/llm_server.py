@@ -91,7 +91,10 @@ class LLMServerReplica(LLMServer):
     shuts the engine's workers down (kept off LLMServer, which tests use in-process)."""
 
     async def __del__(self) -> None:
+        engine = getattr(self, "engine", None)  # absent when the engine failed to load
+        if engine is None:
+            return
         try:
-            await self.engine.shutdown()
+            await engine.shutdown()
         except Exception:  # the replica is going away either way
             logger.exception("engine shutdown failed")

@@ -207,3 +207,11 @@ def local_serve_app(args: dict, app_name: str = "gptoss", ray_init: dict | None 
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+class FailingEngine(ScriptedEngine):
+    """A ScriptedEngine whose construction fails, like a checkpoint that passes `serve`'s
+    pre-checks but not the load in the replica: for tests of how `serve` reports it."""
+
+    def __init__(self, config: EngineConfig):
+        raise RuntimeError("scripted engine failed to load its checkpoint")

@@ -147,6 +147,20 @@ def test_bad_model_host_or_length_is_one_line_before_deploying(args, words):
     assert line.startswith("gptoss-ray serve: error:") and words in line, line
 
 
+def test_a_model_that_fails_in_the_replica_is_one_line_and_non_zero():
+    """The engine here raises while the replica constructs it (as a checkpoint that passes
+    the pre-checks but not the load): Serve retries it, each failure a traceback Ray
+    forwards to the driver; serve must still end non-zero with one line naming the cause."""
+    cmd = serve_cmd("--engine-cls", "gptoss_ray.serve.testing:FailingEngine", "--port", str(free_port()))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)  # bounds Serve's retries
+    assert out.returncode != 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert lines[0].startswith("gptoss-ray serve: error: the model failed to start:"), lines[0]
+    assert "scripted engine failed to load its checkpoint" in lines[0] and "full log:" in lines[0], lines[0]
+    assert "serving" not in out.stdout
+
+
 def test_ctrl_c_while_the_model_loads_stops_promptly(tmp_path):
     """The engine here takes 10 minutes to construct; SIGINT once Ray is deploying it must
     end serve long before that (the bound below only catches a wait for the load)."""
