@@ -15,8 +15,10 @@ class CheckpointError(GptOssError):
 
 
 class SamplingParamsError(GptOssError, ValueError):
-    """A sampling parameter is out of range. `param` names it (OpenAI's error field)."""
+    """A sampling parameter is out of range. `param` names it (OpenAI's error field);
+    `code` is OpenAI's error code where it has one (context_length_exceeded)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
+        self.code = code

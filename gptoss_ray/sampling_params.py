@@ -157,6 +157,37 @@ class SamplingParams:
 
 _DEFAULTS = {f.name: f.default for f in fields(SamplingParams) if f.name in SAMPLER_FIELDS}
 
+
+# The checks of a request against the model live here, once, for both edges: the server
+# (completions' prompts, build_sampling_params) and the engine's add_request, which `LLM`
+# users call directly. Each raises SamplingParamsError naming the parameter.
+
+def check_prompt(prompt: list[int], vocab_size: int, param: str = "prompt") -> None:
+    """A non-empty list of token ids in [0, vocab_size)."""
+    if not prompt:
+        raise SamplingParamsError("the prompt is empty", param=param)
+    if any(not _is_int(t) or not 0 <= t < vocab_size for t in prompt):
+        raise SamplingParamsError(f"prompt token ids must be integers in [0, {vocab_size})", param=param)
+
+
+def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, prompt_param: str = "prompt") -> int:
+    """The prompt leaves room in the context for max_tokens; returns max_tokens resolved
+    (None: the rest of the context). Messages as OpenAI's, code context_length_exceeded."""
+    if num_prompt >= max_model_len:
+        raise SamplingParamsError(
+            f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{num_prompt} tokens; shorten it.", param=prompt_param, code="context_length_exceeded")
+    if max_tokens is None:
+        return max_model_len - num_prompt
+    if num_prompt + max_tokens > max_model_len:
+        raise SamplingParamsError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for the "
+            "completion). Reduce the prompt or the maximum number of tokens.",
+            param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
 @dataclass
 class TokenDelta:
     """What the engine yields for one request after a step: the tokens that step added.

@@ -30,7 +30,7 @@ from gptoss_ray.engine.worker import WorkerConfig
 from gptoss_ray.engine_api import EngineStats
 from gptoss_ray.errors import GptOssError, SamplingParamsError
 from gptoss_ray.parallel.errors import WorkerGroupError
-from gptoss_ray.sampling_params import SamplingParams, TokenDelta
+from gptoss_ray.sampling_params import SamplingParams, TokenDelta, check_context, check_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -134,17 +134,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise SamplingParamsError(f"expected SamplingParams, got {type(params).__name__}", param="sampling_params")
         vocab = self.model_config.vocab_size
-        if not prompt:
-            raise SamplingParamsError("the prompt is empty", param="prompt")
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
-            raise SamplingParamsError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
-        if len(prompt) >= self.max_model_len:
-            raise SamplingParamsError(
-                f"the prompt has {len(prompt)} tokens; the context length is {self.max_model_len}", param="prompt")
-        if params.max_tokens is not None and len(prompt) + params.max_tokens > self.max_model_len:
-            raise SamplingParamsError(
-                f"the context length is {self.max_model_len} tokens, but {len(prompt)} prompt tokens plus "
-                f"max_tokens={params.max_tokens} exceed it", param="max_tokens")
+        check_prompt(prompt, vocab)
+        check_context(len(prompt), params.max_tokens, self.max_model_len)
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise SamplingParamsError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         if params.grammar is not None:

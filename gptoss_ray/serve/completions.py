@@ -21,7 +21,8 @@ from gptoss_ray.harmony.encoding import decode
 from gptoss_ray.harmony.grammar import completion_grammar
 from gptoss_ray.harmony.render import encode_text
 from gptoss_ray.output import OutputProcessor, SampleOutput
-from gptoss_ray.sampling_params import SamplingParams
+from gptoss_ray.errors import SamplingParamsError
+from gptoss_ray.sampling_params import SamplingParams, check_prompt
 from gptoss_ray.serve.engine_client import Admission, ServingContext
 from gptoss_ray.serve.errors import OpenAIError, sse_error
 from gptoss_ray.serve.protocol import VOCAB_LIMIT, CompletionRequest
@@ -82,12 +83,15 @@ def _prompts(req: CompletionRequest) -> list[list[int]]:
         prompts = [encode_text(x) for x in p]
     else:
         prompts = [list(x) for x in p]
-    if not prompts or any(not x for x in prompts):
+    if not prompts:
         raise OpenAIError(400, "prompt must not be empty", param="prompt")
     if len(prompts) > MAX_BATCH:
         raise OpenAIError(400, f"at most {MAX_BATCH} prompts per request", param="prompt")
-    if any(t < 0 or t >= VOCAB_LIMIT for x in prompts for t in x):
-        raise OpenAIError(400, f"prompt token ids must be in [0, {VOCAB_LIMIT})", param="prompt")
+    try:
+        for x in prompts:
+            check_prompt(x, VOCAB_LIMIT)
+    except SamplingParamsError as e:
+        raise OpenAIError(400, str(e), param=e.param) from None
     return prompts
 
 

@@ -8,25 +8,17 @@ from typing import Any
 
 from gptoss_ray.errors import SamplingParamsError
 from gptoss_ray.harmony.encoding import decode, token_bytes
-from gptoss_ray.sampling_params import LOGPROB_FLOOR, SamplingParams
+from gptoss_ray.sampling_params import LOGPROB_FLOOR, SamplingParams, check_context
 from gptoss_ray.serve.errors import OpenAIError
 
 
 def build_sampling_params(req: Any, num_prompt_tokens: int, max_model_len: int, max_tokens: int | None,
                           logprobs: int | None, stop_token_ids: list[int], prompt_param: str) -> SamplingParams:
     """Validate lengths against the context and map OpenAI's fields (400 naming the parameter)."""
-    if num_prompt_tokens >= max_model_len:
-        raise OpenAIError(
-            400, f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
-            f"{num_prompt_tokens} tokens; shorten it.", param=prompt_param, code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = max_model_len - num_prompt_tokens
-    elif num_prompt_tokens + max_tokens > max_model_len:
-        raise OpenAIError(
-            400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
-            "completion). Reduce the prompt or the maximum number of tokens.",
-            param="max_tokens", code="context_length_exceeded")
+    try:
+        max_tokens = check_context(num_prompt_tokens, max_tokens, max_model_len, prompt_param)
+    except SamplingParamsError as e:
+        raise OpenAIError(400, str(e), param=e.param, code=e.code) from None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])  # bounded by SamplingParams
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
