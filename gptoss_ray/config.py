@@ -210,9 +210,13 @@ class ModelConfig(BaseModel):
         return d
 
 
-# o200k_harmony: <|return|> = 200002, <|call|> = 200012 end an assistant turn.
+# o200k_harmony's special ids, one home (harmony/encoding.py checks the tokenizer agrees):
+# <|return|> and <|call|> end an assistant turn; <|endoftext|> pads.
 HARMONY_VOCAB_SIZE = 201088
-HARMONY_STOP_TOKEN_IDS = (200002, 200012)
+HARMONY_RETURN_ID = 200002
+HARMONY_CALL_ID = 200012
+HARMONY_END_OF_TEXT_ID = 199999
+HARMONY_STOP_TOKEN_IDS = (HARMONY_RETURN_ID, HARMONY_CALL_ID)
 
 _MXFP4 = QuantizationConfig(modules_to_not_convert=["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"])
 _YARN = YarnScaling()
@@ -220,7 +224,7 @@ _YARN = YarnScaling()
 _FULL_SIZE = dict(
     hidden_size=2880, intermediate_size=2880, head_dim=64, num_attention_heads=64,
     num_key_value_heads=8, vocab_size=HARMONY_VOCAB_SIZE, rope_scaling=_YARN,
-    quantization_config=_MXFP4, eos_token_id=200002, pad_token_id=199999,
+    quantization_config=_MXFP4, eos_token_id=HARMONY_RETURN_ID, pad_token_id=HARMONY_END_OF_TEXT_ID,
 )
 
 # Presets: the two published shapes, and small shapes for demos and tests. The small
@@ -233,7 +237,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=2, num_local_experts=8, hidden_size=64, intermediate_size=64,
         head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
         vocab_size=HARMONY_VOCAB_SIZE, rope_scaling=_YARN, quantization_config=_MXFP4,
-        eos_token_id=200002, pad_token_id=199999, max_position_embeddings=4096,
+        eos_token_id=HARMONY_RETURN_ID, pad_token_id=HARMONY_END_OF_TEXT_ID, max_position_embeddings=4096,
     ),
     # Odd shapes for parity: hidden != intermediate, heads x head_dim != hidden,
     # 6 experts (not a power of two, not divisible by 4), 3 layers.
@@ -241,14 +245,14 @@ PRESETS: dict[str, ModelConfig] = {
         num_hidden_layers=3, num_local_experts=6, hidden_size=96, intermediate_size=64,
         head_dim=8, num_attention_heads=6, num_key_value_heads=2, sliding_window=8,
         vocab_size=HARMONY_VOCAB_SIZE, rope_scaling=_YARN, quantization_config=_MXFP4,
-        eos_token_id=200002, pad_token_id=199999, max_position_embeddings=4096,
+        eos_token_id=HARMONY_RETURN_ID, pad_token_id=HARMONY_END_OF_TEXT_ID, max_position_embeddings=4096,
     ),
     # Expert-heavy for expert-parallel tests and benchmarks: 15 experts (not divisible by 2, 3, 4).
     "tiny-moe": ModelConfig(
         num_hidden_layers=2, num_local_experts=15, hidden_size=64, intermediate_size=128,
         head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
         vocab_size=HARMONY_VOCAB_SIZE, rope_scaling=_YARN, quantization_config=_MXFP4,
-        eos_token_id=200002, pad_token_id=199999, max_position_embeddings=4096,
+        eos_token_id=HARMONY_RETURN_ID, pad_token_id=HARMONY_END_OF_TEXT_ID, max_position_embeddings=4096,
     ),
 }
 

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from gptoss_kernels.mxfp4 import quantize_mxfp4
 from gptoss_ray.checkpoint.names import TensorSpec, tensor_specs
-from gptoss_ray.config import PRESETS, ModelConfig
+from gptoss_ray.config import HARMONY_CALL_ID, HARMONY_END_OF_TEXT_ID, HARMONY_RETURN_ID, PRESETS, ModelConfig
 from gptoss_ray.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ def write_checkpoint(config: ModelConfig, out_dir: str | Path, seed: int = 0, nu
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
     (out / "generation_config.json").write_text(
-        json.dumps({"eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}, indent=2)
+        json.dumps({"eos_token_id": [HARMONY_RETURN_ID, HARMONY_END_OF_TEXT_ID, HARMONY_CALL_ID],
+                    "pad_token_id": HARMONY_END_OF_TEXT_ID}, indent=2)
     )
     return out
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from openai_harmony import HarmonyEncoding, HarmonyEncodingName, load_harmony_encoding
 
+from gptoss_ray.config import HARMONY_STOP_TOKEN_IDS
 from gptoss_ray.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,14 @@ def decode(token_ids: Sequence[int]) -> str:
 
 @functools.cache
 def stop_token_ids() -> tuple[int, ...]:
-    """Tokens that end an assistant turn: <|return|> (final answer) and <|call|> (tool call)."""
-    return tuple(get_encoding().stop_tokens_for_assistant_actions())
+    """Tokens that end an assistant turn: <|return|> (final answer) and <|call|> (tool call).
+    Their home is config.HARMONY_STOP_TOKEN_IDS (the engine reads it without loading the
+    tokenizer); this checks once that the tokenizer agrees."""
+    found = set(get_encoding().stop_tokens_for_assistant_actions())
+    if found != set(HARMONY_STOP_TOKEN_IDS):
+        raise ConfigError(f"the harmony encoding's stop tokens {sorted(found)} are not "
+                          f"{list(HARMONY_STOP_TOKEN_IDS)} (config.HARMONY_STOP_TOKEN_IDS)")
+    return HARMONY_STOP_TOKEN_IDS
 
 
 def token_bytes(token_id: int) -> bytes:

@@ -31,11 +31,11 @@ from collections import OrderedDict
 
 import llguidance
 
-from gptoss_ray.config import HARMONY_VOCAB_SIZE
+from gptoss_ray.config import HARMONY_RETURN_ID, HARMONY_VOCAB_SIZE
 from gptoss_ray.errors import GptOssError
 from gptoss_ray.harmony.encoding import DATA_DIR, VOCAB_FILE, get_encoding, verify_vocab
 
-RETURN_TOKEN = 200002  # <|return|>
+RETURN_TOKEN = HARMONY_RETURN_ID  # <|return|>
 # o200k's pre-tokenizer split (tiktoken's o200k_base pattern); llguidance uses it to
 # tokenize the text a grammar forces, canonically.
 O200K_PATTERN = "|".join([
