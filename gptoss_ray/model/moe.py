@@ -137,6 +137,6 @@ class MoE(nn.Module):
         """valid_tokens [T] int64 (1 real, 0 padding; None = all real): what the expert-load metric counts."""
         topk_ids, topk_weights = topk_softmax(self.router(x), self.top_k)  # [T, K]: softmax over the chosen K only
         if self.record_expert_load:  # an accumulating index_put, not bincount: no device sync, one op
-            counts = self._one if valid_tokens is None else valid_tokens.repeat_interleave(self.top_k)
+            counts = self._one if valid_tokens is None else valid_tokens[:, None].expand(-1, self.top_k).reshape(-1)
             self.expert_counts.index_put_((topk_ids.reshape(-1),), counts, accumulate=True)
         return self.dispatcher(x, topk_ids, topk_weights.to(x.dtype), self.experts)
