@@ -40,13 +40,12 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeRunner:
     def __init__(self, model, kv_caches, block_tables: dict[str, torch.Tensor], scratch_row: int, block_size: int,
-                 buckets: list[int], device: torch.device, use_graphs: bool):
+                 buckets: list[int], device: torch.device):
         """block_tables: the worker's [R + 1, MB] tables; row `scratch_row` (= R) holds each
         pool's scratch block in column 0, -1 elsewhere."""
         self.model, self.kv_caches, self.block_tables = model, kv_caches, block_tables
         self.scratch_row, self.block_size, self.device = scratch_row, block_size, device
         self.buckets = sorted(buckets)
-        self.use_graphs = use_graphs
         largest = self.buckets[-1]
         # the step's inputs: [0] token ids, [1] positions, [2] block-table rows; one copy per step
         self.inputs = torch.zeros(3, largest, dtype=torch.int64, device=device)
@@ -54,6 +53,7 @@ class DecodeRunner:
         self.cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)  # one query per row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}  # bucket -> the graph's [P, H] output
+        self.capture_s, self.graph_memory_bytes = 0.0, 0  # set by capture()
 
     def bucket(self, num_seqs: int) -> int | None:
         """The smallest bucket holding num_seqs rows; None = larger than any (run eager)."""
@@ -119,5 +119,5 @@ class DecodeRunner:
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - start
         self.graph_memory_bytes = max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
-        logger.info("captured %d CUDA graphs (decode batch sizes %s) in %.1f s, %.0f MiB of graph memory",
+        logger.info("captured %d CUDA graphs (decode batch sizes %s) in %.1f s; device memory taken: %.0f MiB",
                     len(self.graphs), self.buckets, self.capture_s, self.graph_memory_bytes / 2**20)
