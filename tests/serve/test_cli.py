@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -38,21 +39,24 @@ def serve_command(flags: list[str], env: dict | None = None) -> Iterator[tuple[s
            "--port", str(port), "--num-cpus", "2", *flags]
     env = env or {k: v for k, v in os.environ.items() if k != "GPTOSS_RAY_API_KEY"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: [lines.append(line) for line in proc.stdout], daemon=True)
+    reader.start()
     result: dict = {}
     try:
         url = f"http://127.0.0.1:{port}"
         end = time.monotonic() + 180  # bounds a hang while Ray starts
-        while time.monotonic() < end and proc.poll() is None:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        # Ready once the command says it serves: /health can answer while `serve.run` is still
+        # returning, and a Ctrl-C then is (rightly) an interrupted start-up.
+        while time.monotonic() < end and proc.poll() is None and not any("gptoss-ray: serving" in ln for ln in lines):
             time.sleep(0.5)
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
         yield url, result
         proc.send_signal(signal.SIGINT)
-        result["output"], _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
+        result["output"] = "".join(lines)
         assert proc.returncode == 0, result["output"][-3000:]
     finally:
         if proc.poll() is None:

@@ -165,7 +165,7 @@ def test_soak_mixed_traffic(app):
     end = time.monotonic() + 60  # bounds a hang only
     while True:
         stats = handle.stats.remote().result()
-        if stats["num_free_blocks"] == stats["num_total_blocks"] and stats["num_running"] == 0:
+        if stats.num_free_blocks == stats.num_total_blocks and stats.num_running == 0:
             break
         assert time.monotonic() < end, f"KV blocks still held after the soak: {stats}"
         time.sleep(0.2)
