@@ -109,8 +109,8 @@ class LLMEngine:
     # --- requests ----------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self._validate(request_id, prompt_token_ids, params)
-        req = Request(request_id, list(prompt_token_ids), params, children_spawned=params.n == 1)
+        max_output_tokens = self._validate(request_id, prompt_token_ids, params)
+        req = Request(request_id, list(prompt_token_ids), params, max_output_tokens, children_spawned=params.n == 1)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(prompt_token_ids)
         self.requests[request_id] = req
@@ -122,24 +122,26 @@ class LLMEngine:
         seq = Sequence(request_id=req.request_id, token_ids=list(req.prompt_token_ids),
                        num_prompt_tokens=num_prompt, params=p, index=index, rank_hint=rank_hint,
                        stop_ids=frozenset(p.stop_token_ids) | eos,
-                       max_output_tokens=min(p.max_tokens or self.max_model_len, self.max_model_len - num_prompt),
+                       max_output_tokens=req.max_output_tokens,
                        spawn_pending=index == 0 and p.n > 1)
         req.seqs.append(seq)
         self.seqs[seq.seq_id] = seq
         self.scheduler.add(seq, front=index > 0)  # later samples of an old request go first
 
-    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _validate(self, request_id: str, prompt: list[int], params: SamplingParams) -> int:
+        """Raise on a request this engine cannot run; return its max_tokens resolved."""
         if request_id in self.requests:
             raise GptOssError(f"request id {request_id!r} is already running")
         if not isinstance(params, SamplingParams):
             raise SamplingParamsError(f"expected SamplingParams, got {type(params).__name__}", param="sampling_params")
         vocab = self.model_config.vocab_size
         check_prompt(prompt, vocab)
-        check_context(len(prompt), params.max_tokens, self.max_model_len)
+        max_output_tokens = check_context(len(prompt), params.max_tokens, self.max_model_len)
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise SamplingParamsError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         if params.grammar is not None:
             self._check_grammar(params.grammar)
+        return max_output_tokens
 
     def _check_grammar(self, grammar: str) -> None:
         """Compile once here (cached by hash), so a bad grammar is an error now, not a failed step."""

@@ -82,6 +82,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    max_output_tokens: int  # params.max_tokens, or the rest of the context (check_context)
     seqs: list[Sequence] = field(default_factory=list)
     children_spawned: bool = False  # samples 1..n-1 exist
     # prompt_logprobs asked for: one entry per prompt token (None for the first), filled by
