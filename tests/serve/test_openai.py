@@ -13,10 +13,11 @@ import time
 import httpx
 import openai
 import pytest
+from support.scripted import scripted_app
 
 from gptoss_ray.harmony.encoding import decode, get_encoding
 from gptoss_ray.harmony.render import render_chat
-from gptoss_ray.serve.testing import SCRIPTS, local_serve_app
+from gptoss_ray.serve.testing import SCRIPTS
 
 pytestmark = pytest.mark.timeout(300)
 MODEL = "gpt-oss-scripted"
@@ -28,12 +29,8 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"typ
 
 @pytest.fixture(scope="module")
 def app():
-    args = {"engine_cls": "gptoss_ray.serve.testing:ScriptedEngine", "served_model_name": MODEL,
-            "engine": {"max_model_len": 2048}}
-    with local_serve_app(args, app_name="gptoss") as url:
-        from ray import serve
-
-        yield url, serve.get_deployment_handle("LLMServer", app_name="gptoss")
+    with scripted_app(MODEL, "gptoss") as app:
+        yield app
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ import concurrent.futures
 import httpx
 import openai
 import pytest
+from support.scripted import scripted_app
 
 from gptoss_ray.harmony.encoding import get_encoding
 from gptoss_ray.sampling_params import MAX_STOP_CHARS
-from gptoss_ray.serve.testing import SCRIPTS, local_serve_app
+from gptoss_ray.serve.testing import SCRIPTS
 
 pytestmark = pytest.mark.timeout(300)
 MODEL = "gpt-oss-scripted"
@@ -22,12 +23,8 @@ MODEL = "gpt-oss-scripted"
 
 @pytest.fixture(scope="module")
 def app():
-    args = {"engine_cls": "gptoss_ray.serve.testing:ScriptedEngine", "served_model_name": MODEL,
-            "engine": {"max_model_len": 2048}}
-    with local_serve_app(args, app_name="output") as url:
-        from ray import serve
-
-        yield url, serve.get_deployment_handle("LLMServer", app_name="output")
+    with scripted_app(MODEL, "output") as app:
+        yield app
 
 
 @pytest.fixture
