@@ -344,11 +344,31 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
         out = logits.clone() if out is logits else out
         out[rows[exact]] = masked[exact]
         todo[rows[exact]] = False
+    only_k = todo & (p >= 1.0)  # a large top-k alone: its threshold is a selection, not a sort
+    if bool(only_k.any()):
+        rows = only_k.nonzero().squeeze(1)
+        out = logits.clone() if out is logits else out
+        out[rows] = _kth_top_k(logits[rows], k[rows])
+        todo &= ~only_k
     if bool(todo.any()):
         rows = todo.nonzero().squeeze(1)
         out = logits.clone() if out is logits else out
         out[rows] = _sort_top_k_top_p(logits[rows], k[rows], p[rows])
     return out
+
+
+def _kth_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Top-k alone for k beyond the candidates: mask below each row's k-th largest value,
+    found by selection (kthvalue, O(V) per row) instead of a sort of the vocabulary (O(V log V),
+    six times slower on a CPU: a `top_k` of 10^5 once cost every step of the batch 35 ms per
+    such row). The same mask as the sort, ties at the k-th value kept. One kthvalue per
+    distinct k (a batch holds few)."""
+    v = logits.shape[1]
+    kth = torch.empty(logits.shape[0], 1, dtype=logits.dtype, device=logits.device)
+    for k in top_k.unique().tolist():
+        rows = (top_k == k).nonzero().squeeze(1)
+        kth[rows] = logits[rows].kthvalue(v - min(k, v) + 1, dim=-1, keepdim=True).values
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def _top_k_top_p_candidates(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor, cand: int):

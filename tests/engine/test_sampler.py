@@ -186,6 +186,10 @@ def test_top_k_top_p_candidates_equal_the_full_sort(scale, monkeypatch):
     assert torch.equal(fast[~fast.isinf()], logits[~fast.isinf()])
     only_k = sampler._apply_top_k_top_p(logits, top_k, None)
     assert torch.equal(only_k.isinf(), sampler._sort_top_k_top_p(logits, top_k, torch.ones(12)).isinf())
+    # k beyond the candidates (65, 2000) is a selection: with many ties at the k-th value it keeps them all, as the sort
+    tied, big = (logits * 2).round(), (top_k > 64) & (top_k < vocab)
+    assert torch.equal(sampler._apply_top_k_top_p(tied, top_k, None)[big].isinf(),
+                       sampler._sort_top_k_top_p(tied[big], top_k[big], torch.ones(int(big.sum()))).isinf())
 
 
 @pytest.mark.parametrize("vocab", [201088, 8192, 6000, 1571, 50])  # blocked (several widths) and fallback
