@@ -332,6 +332,14 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
     p = top_p if top_p is not None else torch.ones(s, device=dev)  # [S]
     todo = (k < v) | (p < 1.0)  # [S]: rows that use neither keep their logits
     out = logits
+    # a top-k alone beyond the last stage is never settled by candidates: its threshold is a
+    # selection (no stage's topk first, no sort)
+    only_k = todo & (k > TOP_CANDIDATE_STAGES[-1]) & (p >= 1.0)
+    if bool(only_k.any()):
+        rows = only_k.nonzero().squeeze(1)
+        out = logits.clone()
+        out[rows] = _kth_top_k(logits[rows], k[rows])
+        todo &= ~only_k
     for cand in TOP_CANDIDATE_STAGES:
         if not bool(todo.any()):
             return out
@@ -344,12 +352,6 @@ def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
         out = logits.clone() if out is logits else out
         out[rows[exact]] = masked[exact]
         todo[rows[exact]] = False
-    only_k = todo & (p >= 1.0)  # a large top-k alone: its threshold is a selection, not a sort
-    if bool(only_k.any()):
-        rows = only_k.nonzero().squeeze(1)
-        out = logits.clone() if out is logits else out
-        out[rows] = _kth_top_k(logits[rows], k[rows])
-        todo &= ~only_k
     if bool(todo.any()):
         rows = todo.nonzero().squeeze(1)
         out = logits.clone() if out is logits else out
@@ -379,8 +381,9 @@ def _top_k_top_p_candidates(logits: torch.Tensor, k: torch.Tensor, p: torch.Tens
     vals, idx = logits.topk(cand, dim=-1)  # [R, C] descending
     in_k = torch.arange(cand, device=logits.device).unsqueeze(0) < k.unsqueeze(1)  # [R, C]
     # log-normalizer of each row's top-k set: over the candidates if the set fits in them
-    lse = torch.where(k <= cand, torch.logsumexp(vals.masked_fill(~in_k, float("-inf")), dim=-1),
-                      torch.logsumexp(logits, dim=-1))  # [R]
+    lse = torch.logsumexp(vals.masked_fill(~in_k, float("-inf")), dim=-1)  # [R]
+    if bool((k > cand).any()):  # the whole row's normalizer, only where a row needs it (a pass over [R, V])
+        lse = torch.where(k <= cand, lse, torch.logsumexp(logits, dim=-1))
     probs = (vals - lse.unsqueeze(1)).exp().masked_fill(~in_k, 0.0)  # [R, C]
     keep = in_k & (probs.cumsum(dim=-1) - probs < p.unsqueeze(1))  # mass before the token < p
     keep[:, 0] = True  # the most likely token always survives
