@@ -3,21 +3,26 @@ the real Serve app on the real engine (tiny demo checkpoint), 127.0.0.1 only, bo
 about a minute of traffic.
 
 It proves what issue 13 asks of a server under abuse: no 5xx, no request past its
-deadline, no KV block held once the traffic stops, and a normal request served in normal
-time meanwhile (no single request stalls the engine for everyone, as a 10^20 top_k or a
-1 MB stop string once did)."""
+deadline, no KV block held once the traffic stops, and a normal request costing no more
+under the abusive mix than under the same concurrency of well-behaved traffic (no single
+request stalls the engine for everyone, as a 10^20 top_k or a 1 MB stop string once did).
+The issue's "within 3x of idle" does not hold on a 2-core CPU machine at concurrency 32:
+the test's docstring says why, with the numbers; the ratio is printed."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from gptoss_ray.serve.testing import local_serve_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 MODEL = "gpt-oss-tiny-demo"
@@ -34,6 +39,7 @@ NORMAL = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}
 @pytest.fixture(scope="module")
 def app():
     from gptoss_ray.checkpoint import default_demo_checkpoint
+    from gptoss_ray.serve.testing import local_serve_app
 
     engine = {"model": str(default_demo_checkpoint()), "dtype": "float32", "device": "cpu", "block_size": 16,
               "num_kv_blocks": 1024, "max_model_len": 2048, "max_num_seqs": 64, "worker_num_cpus": 0.1}
@@ -83,7 +89,7 @@ def traffic(rng: random.Random, mix: list[str]) -> tuple[str, str, str, dict | b
 
 async def one(client: httpx.AsyncClient, kind: str, method: str, path: str, body) -> tuple[str, int, float]:
     start = time.monotonic()
-    content = body if isinstance(body, bytes) else __import__("json").dumps(body).encode()
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"content-type": "application/json"}
     if kind == "disconnect" or (isinstance(body, dict) and body.get("stream")):
         async with client.stream(method, path, content=content, headers=headers) as r:
@@ -107,49 +113,84 @@ async def normal_latencies(client: httpx.AsyncClient, count: int) -> list[float]
     return out
 
 
-async def load(client: httpx.AsyncClient, mix: list[str], seconds: float, seed: int):
-    """CONCURRENCY clients sending `mix` back to back for `seconds`, and a probe sending one
-    normal request at a time meanwhile -> (results, probe latencies)."""
+async def generate_load(url: str, mix: list[str], seconds: float, seed: int) -> list[tuple[str, int, float]]:
+    """CONCURRENCY clients sending `mix` back to back for `seconds` -> each request's (kind, status, seconds)."""
     rng = random.Random(seed)
     results: list[tuple[str, int, float]] = []
-    end = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=DEADLINE_S,
+                                 limits=httpx.Limits(max_connections=CONCURRENCY)) as client:
+        end = time.monotonic() + seconds
+        print("up", flush=True)  # the parent starts its probe clock on this line
 
-    async def worker() -> None:
-        while time.monotonic() < end:
-            results.append(await one(client, *traffic(rng, mix)))
+        async def worker() -> None:
+            while time.monotonic() < end:
+                results.append(await one(client, *traffic(rng, mix)))
 
-    async def probe() -> list[float]:
+        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return results
+
+
+def _load_main(url: str, mix: str, seconds: str, seed: str) -> None:
+    """The load generator process (this file run as a script): niced below the server."""
+    os.nice(19)
+    results = asyncio.run(generate_load(url, json.loads(mix), float(seconds), int(seed)))
+    print(json.dumps(results), flush=True)
+
+
+async def load(client: httpx.AsyncClient, url: str, mix: list[str], seconds: float, seed: int):
+    """The CONCURRENCY clients in a separate, niced process, and a probe here sending one
+    normal request at a time meanwhile -> (results, probe latencies)."""
+    child = subprocess.Popen([sys.executable, __file__, url, json.dumps(mix), str(seconds), str(seed)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        up = await asyncio.to_thread(child.stdout.readline)
+        assert up.strip() == "up", (up, child.stderr.read() if child.poll() is not None else "")
+        end = time.monotonic() + seconds
         await asyncio.sleep(seconds / 6)  # the load is up
         lat = []
         while time.monotonic() < end - 1:
             lat += await normal_latencies(client, 1)
             await asyncio.sleep(0.2)
-        return lat
-
-    *_, under = await asyncio.gather(*(worker() for _ in range(CONCURRENCY)), probe())
-    return results, under
+        out, err = await asyncio.to_thread(child.communicate, timeout=DEADLINE_S + seconds)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, err[-3000:]
+    return [tuple(r) for r in json.loads(out)], lat
 
 
 async def soak(url: str):
-    async with httpx.AsyncClient(base_url=url, timeout=DEADLINE_S,
-                                 limits=httpx.Limits(max_connections=CONCURRENCY + 4)) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=DEADLINE_S) as client:
         await normal_latencies(client, 3)  # warm-up
         idle = await normal_latencies(client, 7)
-        _, busy = await load(client, ["valid"], BASELINE_S, seed=1)  # the same concurrency, all well-behaved
-        results, under = await load(client, MIX, SOAK_S, seed=13)
+        _, busy = await load(client, url, ["valid"], BASELINE_S, seed=1)  # the same concurrency, all well-behaved
+        results, under = await load(client, url, MIX, SOAK_S, seed=13)
         return results, idle, busy, under
 
 
 def test_soak_mixed_traffic(app):
-    """The latency check compares medians of several probe requests, never one sample, and
-    against what the same concurrency of well-behaved requests costs: 32 clients sending
-    back to back saturate a 2-core machine (the load generator shares it), so a normal
-    request waits seconds behind them whatever they send (measured here: idle ~0.3 s,
-    under 32 well-behaved clients ~6 s). What must not happen is abusive traffic (huge
-    numbers, long stop strings, fan-out, disconnects) costing everyone more than normal
+    """The latency check compares medians of several probe requests, never one sample.
+
+    The 32 clients run in a separate process at nice 19, as in production they run on
+    other machines: the load generator's own Python must not take the server's CPU (Ray
+    runs the Serve processes at nice 15, so a nice-0 generator in this process used to win
+    every contention). The traffic itself is what the issue names, undiminished.
+
+    What is asserted: abusive traffic (huge numbers, long stop strings, fan-out,
+    disconnects) costs a normal request no more than the same concurrency of well-behaved
     traffic does (a 1 MB stop string once made a 0.1 s request take 25 s): the probe's
-    median under the mix must be within 3x of its median under the well-behaved load
-    (and of the idle median, or 0.5 s, whichever is larger)."""
+    median under the mix is within 3x of its median under the well-behaved load (and of
+    the idle median, or 0.5 s, whichever is larger).
+
+    What is not asserted, and why: the issue's "within 3x of idle". On this 2-core CPU
+    machine it does not hold, whatever the traffic: the probe (greedy, 8 tokens) needs
+    about 9 engine steps, and a step samples every running sequence over the 201,088-token
+    vocabulary, so its time grows with the batch (standalone, tiny demo model, one thread:
+    about 15 ms at batch 1; at batch 32 about 30 ms greedy, 110 ms with temperature, 240 ms
+    with the soak's seeded top-k mix). Under the soak the engine runs ~33 sequences back to
+    back (steps ~0.29 s median, ~1 ms between them), so the probe takes
+    ~9 x 0.29 s = ~2.7 s against ~0.15-0.3 s idle: measured idle 0.27 s, well-behaved
+    2.5 s, mixed 2.9 s. The ratio to idle is printed for the record."""
     url, handle = app
     results, idle, busy, under = asyncio.run(soak(url))
     by_kind: dict[str, list[int]] = {}
@@ -172,6 +213,11 @@ def test_soak_mixed_traffic(app):
     idle_median, busy_median, soak_median = statistics.median(idle), statistics.median(busy), statistics.median(under)
     print(f"soak: {len(results)} requests {dict((k, len(v)) for k, v in by_kind.items())}; probe medians: idle "
           f"{idle_median * 1000:.0f} ms, well-behaved load {busy_median * 1000:.0f} ms ({len(busy)} probes), "
-          f"mixed soak {soak_median * 1000:.0f} ms ({len(under)} probes, {soak_median / busy_median:.1f}x)")
+          f"mixed soak {soak_median * 1000:.0f} ms ({len(under)} probes, {soak_median / busy_median:.1f}x well-behaved, "
+          f"{soak_median / idle_median:.1f}x idle)")
     assert len(under) >= 2 and len(busy) >= 2, (busy, under)
     assert soak_median <= 3 * max(busy_median, idle_median, 0.5), (idle, busy, under)
+
+
+if __name__ == "__main__":
+    _load_main(*sys.argv[1:])
