@@ -219,10 +219,15 @@ class LLMEngine:
         return deltas
 
     def _postprocess(self, scheduled: list[tuple[Sequence, int]], results: list[StepResult]) -> list[TokenDelta]:
-        bs = self.worker_config.block_size
+        bs, kv = self.worker_config.block_size, self.kv
         for seq, n in scheduled:
-            seq.num_computed_tokens += n
-            self.kv[seq.rank].register_computed(seq, seq.num_computed_tokens // bs)
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens = after = before + n
+            # A running sequence's blocks are named up to num_computed_tokens // bs at every
+            # step's start (allocate and this loop keep that), so only a block that filled
+            # up this step needs the KV manager: one step in block_size for a decode.
+            if after // bs > before // bs:
+                kv[seq.rank].register_computed(seq, after // bs)
         loads = [r.expert_load for r in results if r.expert_load is not None]
         if loads:  # each rank counts its own tokens' routing over all experts: the sum is the model's
             self.expert_load = [[sum(col) for col in zip(*layers)] for layers in zip(*loads)]
@@ -233,20 +238,21 @@ class LLMEngine:
                 if seq is not None:
                     lps = self.requests[seq.request_id].prompt_logprobs
                     lps[chunk.start : chunk.start + len(chunk.logprobs)] = chunk.logprobs
+        seqs, append = self.seqs, deltas.append
         for result in results:
             for seq_id, token, lp in zip(result.seq_ids, result.token_ids, result.logprobs):
-                seq = self.seqs.get(seq_id)
+                seq = seqs.get(seq_id)
                 if seq is None:  # aborted since it was scheduled
                     continue
-                seq.token_ids.append(token)
-                num_out = len(seq.token_ids) - seq.num_prompt_tokens
-                if seq.fast_path and token not in seq.stop_ids and num_out < seq.max_output_tokens:
+                tokens = seq.token_ids
+                tokens.append(token)
+                if (token not in seq.stop_ids and len(tokens) - seq.num_prompt_tokens < seq.max_output_tokens
+                        and seq.params.plain_output and not seq.spawn_pending):  # Sequence.fast_path
                     # The common case, kept lean: nothing ends the sequence.
-                    deltas.append(TokenDelta(seq.request_id, seq.index, [token],
-                                             num_prompt_tokens=seq.num_prompt_tokens,
-                                             num_cached_tokens=seq.num_cached_tokens))
+                    append(TokenDelta(seq.request_id, seq.index, [token], num_prompt_tokens=seq.num_prompt_tokens,
+                                      num_cached_tokens=seq.num_cached_tokens))
                 else:
-                    deltas.append(self._append_token(seq, lp))
+                    append(self._append_token(seq, lp))
         return deltas
 
     def _append_token(self, seq: Sequence, logprobs: dict[int, float] | None) -> TokenDelta:

@@ -88,11 +88,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.kv[seq.rank].append_slots(seq, n):
+        i, running, kv = 0, self.running, self.kv
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = len(seq.token_ids) - seq.num_computed_tokens  # 1 for a decode
+            if n > budget:
+                n = budget
+            while not kv[seq.rank].append_slots(seq, n):
                 victim = next(s for s in reversed(self.running) if s.rank == seq.rank)
                 self._preempt(victim)
                 preempted = True
@@ -155,15 +157,19 @@ class Scheduler:
     def _build_plan(self, scheduled: list[tuple[Sequence, int]]) -> StepPlan:
         ranks = [RankPlan() for _ in self.kv]
         for seq, n in scheduled:
-            plan = ranks[seq.rank]
             if not seq.on_worker:
                 seq.on_worker = True
-                plan.new_seqs.append(NewSequence(
+                ranks[seq.rank].new_seqs.append(NewSequence(
                     seq_id=seq.seq_id, token_ids=list(seq.token_ids), num_prompt_tokens=seq.num_prompt_tokens,
                     num_computed_tokens=seq.num_computed_tokens, params=seq.params, sample_index=seq.index,
                 ))
-            plan.seq_ids.append(seq.seq_id)
-            plan.num_new_tokens.append(n)
+        if len(ranks) == 1:  # one rank (no expert parallelism): each column in one pass
+            ranks[0].seq_ids = [seq.seq_id for seq, _ in scheduled]
+            ranks[0].num_new_tokens = [n for _, n in scheduled]
+        else:
+            for seq, n in scheduled:
+                ranks[seq.rank].seq_ids.append(seq.seq_id)
+                ranks[seq.rank].num_new_tokens.append(n)
         for r, plan in enumerate(ranks):
             plan.finished_ids, self._finished_ids[r] = self._finished_ids[r], []
             plan.table_updates = self.kv[r].drain_updates()

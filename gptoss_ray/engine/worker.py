@@ -114,9 +114,18 @@ class Worker:
         # the KV manager knows, read through one extra block-table row (see decode_runner.py).
         self.kv_caches = self.allocate_kv_cache({k: n + 1 for k, n in num_blocks.items()} if static else num_blocks)
         max_blocks = -(-config.max_model_len // config.block_size)
-        self.block_tables = {  # [R (+1 scratch row), MB] int32, -1 = no block
-            kind: torch.full((config.max_num_seqs + static, max_blocks), -1, dtype=torch.int32, device=self.device)
-            for kind in (FULL, SLIDING)
+        # The block tables live on the host as numpy arrays (vLLM v1's block_table_cpu): the
+        # plan's updates are numpy writes and the step's metadata is gathered in numpy, far
+        # cheaper per op than torch at these sizes. On a CPU device `block_tables` shares
+        # their memory; on a GPU it is a device copy, kept equal by the same writes, which
+        # the static decode runner reads inside its graphs.
+        self.host_tables = {  # [R (+1 scratch row), MB] int32, -1 = no block
+            kind: np.full((config.max_num_seqs + static, max_blocks), -1, dtype=np.int32) for kind in (FULL, SLIDING)
+        }
+        self.shared_tables = self.device.type == "cpu"
+        self.block_tables = {
+            kind: torch.from_numpy(host) if self.shared_tables else torch.from_numpy(host).to(self.device)
+            for kind, host in self.host_tables.items()
         }
         self.seqs: dict[int, SeqState] = {}
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
@@ -160,8 +169,8 @@ class Worker:
         from gptoss_ray.engine.decode_runner import DecodeRunner, default_buckets
 
         scratch_row = self.config.max_num_seqs
-        for kind, table in self.block_tables.items():
-            table[scratch_row, 0] = num_blocks[kind]  # the pool's extra block: no sequence ever gets it
+        for kind in self.block_tables:  # the pool's extra block: no sequence ever gets it
+            self._write_tables(kind, np.array([scratch_row]), np.array([0]), np.array([num_blocks[kind]], np.int32))
         buckets = [b for b in (self.config.graph_sizes or default_buckets(self.config.max_num_seqs))
                    if b <= self.config.max_num_seqs] or [self.config.max_num_seqs]
         graphs = self.device.type == "cuda" and not self.config.enforce_eager and self.config.ep_size == 1
@@ -197,8 +206,10 @@ class Worker:
         self.prompt_lp_seqs.discard(seq_id)
         state = self.seqs.pop(seq_id, None)
         if state is not None:
-            for table in self.block_tables.values():
-                table[state.row].fill_(-1)
+            for kind, host in self.host_tables.items():
+                host[state.row] = -1
+                if not self.shared_tables:
+                    self.block_tables[kind][state.row].fill_(-1)
             self.free_rows.append(state.row)
 
     def _add(self, new: NewSequence) -> None:
@@ -228,37 +239,55 @@ class Worker:
         if not u.seq_ids:
             return
         # Updates of a sequence dropped in the same step (preempted while scheduling) are stale.
-        keep = [i for i, s in enumerate(u.seq_ids) if s in self.seqs]
-        rows = torch.tensor([self.seqs[u.seq_ids[i]].row for i in keep], dtype=torch.int64)
-        cols = torch.tensor([u.cols[i] for i in keep], dtype=torch.int64)
-        blocks = torch.tensor([u.blocks[i] for i in keep], dtype=torch.int32)
-        self.block_tables[kind].index_put_((rows.to(self.device), cols.to(self.device)), blocks.to(self.device))
+        seqs = self.seqs
+        rows = np.array([seqs[s].row if s in seqs else -1 for s in u.seq_ids], dtype=np.int64)
+        cols, blocks = np.array(u.cols, dtype=np.int64), np.array(u.blocks, dtype=np.int32)
+        keep = rows >= 0
+        if not keep.all():
+            rows, cols, blocks = rows[keep], cols[keep], blocks[keep]
+        self._write_tables(kind, rows, cols, blocks)
+
+    def _write_tables(self, kind: str, rows: np.ndarray, cols: np.ndarray, blocks: np.ndarray) -> None:
+        """table[kind][rows[i], cols[i]] = blocks[i], on the host and (on a GPU) on the device."""
+        self.host_tables[kind][rows, cols] = blocks
+        if not self.shared_tables:
+            index = (torch.from_numpy(rows).to(self.device), torch.from_numpy(cols).to(self.device))
+            self.block_tables[kind].index_put_(index, torch.from_numpy(blocks).to(self.device))
 
     def _run(self, seq_ids: list[int], num_new_tokens: list[int]) -> StepResult:
-        states, input_ids, starts, sampled = [], [], [], []
-        for i, (seq_id, n) in enumerate(zip(seq_ids, num_new_tokens)):
-            st = self.seqs[seq_id]
-            start = st.num_computed_tokens
-            input_ids.extend(st.token_ids[start : start + n])
-            st.num_computed_tokens = start + n
-            states.append(st)
-            starts.append(start)
-            if start + n == len(st.token_ids):  # the chunk reached the end: sample the next token
-                sampled.append(i)
+        seqs = self.seqs
+        states = [seqs[seq_id] for seq_id in seq_ids]
+        starts = [st.num_computed_tokens for st in states]
+        # One comprehension per column, no per-sequence appends: at 256 sequences this loop
+        # is a large share of a decode step's host time.
+        decode = num_new_tokens.count(1) == len(num_new_tokens)  # one token per sequence
+        if decode:
+            input_ids = [st.token_ids[start] for st, start in zip(states, starts)]
+            for st in states:
+                st.num_computed_tokens += 1
+        else:
+            input_ids = []
+            for st, start, n in zip(states, starts, num_new_tokens):
+                input_ids += st.token_ids[start : start + n]
+                st.num_computed_tokens = start + n
+        # the chunk reached the end of the known tokens: sample the next one
+        sampled = [i for i, st in enumerate(states) if st.num_computed_tokens == len(st.token_ids)]
         runner = self.decode_runner
-        if (runner is not None and states and len(input_ids) == len(states)
-                and runner.bucket(len(states)) is not None):  # pure decode that fits a bucket: static/graph
+        if runner is not None and decode and states and runner.bucket(len(states)) is not None:
+            # pure decode that fits a bucket: static/graph
             hidden = runner.run(input_ids, starts, [st.row for st in states])  # [B, H]: padding cut off
-            last_rows = torch.arange(len(states), device=self.device)
+            last_rows = None  # row i is sequence i's token
         else:  # prefill, mixed, or larger than every bucket: eager
             attn, positions, last_rows = self._metadata(states, starts, num_new_tokens)
-            ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+            ids = torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(self.device, non_blocking=True)
             hidden = self.model(ids, positions, attn, self.kv_caches)  # [T, H]
+            if decode:
+                last_rows = None
         prompt_lp = self._prompt_logprobs(hidden, seq_ids, states, starts, num_new_tokens) if self.prompt_lp_seqs else []
         if not sampled:
             return StepResult(prompt_logprobs=prompt_lp)
         if len(sampled) < len(states):
-            last_rows = last_rows[torch.tensor(sampled, device=self.device)]
+            last_rows = np.array(sampled) if last_rows is None else last_rows[sampled]
             states = [states[i] for i in sampled]
             seq_ids = [seq_ids[i] for i in sampled]
         # Masks are built while the forward runs (asynchronously on a GPU), before its logits are read.
@@ -267,7 +296,9 @@ class Worker:
         if constrained:
             mask = self.masks.fill([states[i].grammar for i in constrained])
             grammar = (torch.tensor(constrained, device=self.device), mask)
-        logits = self.model.compute_logits(hidden[last_rows])  # [S, V]
+        if last_rows is not None:  # a pure decode samples every row in order: no gather
+            hidden = hidden[torch.from_numpy(last_rows).to(self.device, non_blocking=True)]
+        logits = self.model.compute_logits(hidden)  # [S, V]
         meta = SamplingMetadata.build(states, self.vocab_size, list(self.config.eos_token_ids), self.device,
                                       self.history, grammar)
         out = self.sampler(logits, meta)
@@ -297,39 +328,40 @@ class Worker:
         return out
 
     def _metadata(self, states: list[SeqState], starts: list[int], num_new: list[int]):
-        """Attention metadata for the packed step; also the row of each sequence's last token.
-        Index arithmetic runs in numpy (cheaper per op than torch at these sizes); the
-        block-table gathers run where the tables live."""
+        """Attention metadata for the packed step; also the row of each sequence's last token
+        (numpy). Computed in numpy from the host block tables (cheaper per op than torch at
+        these sizes), then copied to the device once per tensor."""
         from gptoss_ray.model.attention import AttentionMetadata
 
         dev, bs = self.device, self.block_size
-        n = np.asarray(num_new, dtype=np.int64)  # [B]
-        start = np.asarray(starts, dtype=np.int64)  # [B]
+        n = np.array(num_new, dtype=np.int64)  # [B]
+        start = np.array(starts, dtype=np.int64)  # [B]
         cu = np.zeros(len(n) + 1, dtype=np.int64)
         np.cumsum(n, out=cu[1:])
-        if len(n) == cu[-1]:  # pure decode: one token per sequence
-            seq_of_token, positions = np.arange(len(n)), start  # [T]
+        rows = np.array([st.row for st in states], dtype=np.int64)  # [B]
+        decode = len(n) == cu[-1]  # one token per sequence
+        if decode:
+            positions, token_rows = start, rows  # [T]
         else:
             seq_of_token = np.repeat(np.arange(len(n)), n)  # [T]
             positions = np.arange(cu[-1]) - cu[:-1][seq_of_token] + start[seq_of_token]  # [T]
+            token_rows = rows[seq_of_token]
         context = start + n  # [B]
         max_blocks = -(-int(context.max()) // bs) if len(n) else 0
-        rows = np.asarray([st.row for st in states], dtype=np.int64)  # [B]
+        token_cols, offsets = np.divmod(positions, bs)
 
         def to_dev(a: np.ndarray, dtype=torch.int64) -> torch.Tensor:
             return torch.from_numpy(a).to(device=dev, dtype=dtype, non_blocking=True)
 
-        rows_t, token_rows, token_cols = to_dev(rows), to_dev(rows[seq_of_token]), to_dev(positions // bs)
-        offsets = to_dev(positions % bs)
         tables, slots = {}, {}
-        for kind, table in self.block_tables.items():
-            tables[kind] = table[rows_t, :max_blocks]  # [B, MB]
-            slots[kind] = table[token_rows, token_cols].long() * bs + offsets  # [T]
+        for kind, host in self.host_tables.items():
+            tables[kind] = to_dev(host[rows, :max_blocks], torch.int32)  # [B, MB]
+            slots[kind] = to_dev(host[token_rows, token_cols].astype(np.int64) * bs + offsets)  # [T]
         # A decode token's own block always exists (attention reads the token back), so a
         # pure decode step writes KV without the -1 mask and its boolean-index sync.
         attn = AttentionMetadata(cu_seqlens_q=to_dev(cu, torch.int32), context_lens=to_dev(context, torch.int32),
-                                 slot_mapping=slots, block_tables=tables, all_slots_valid=len(n) == cu[-1])
-        return attn, to_dev(positions), to_dev(cu[1:] - 1)
+                                 slot_mapping=slots, block_tables=tables, all_slots_valid=decode)
+        return attn, to_dev(positions), cu[1:] - 1
 
     # --- introspection ----------------------------------------------------------------------------
 
