@@ -65,16 +65,17 @@ class FixedLogitsModel(nn.Module):
 
 
 class TimedSampler(Sampler):
-    def __init__(self, inner: Sampler, times: list[float]):
+    def __init__(self, inner: Sampler, times: list[float], cpu_times: list[float]):
         self.__dict__.update(inner.__dict__)
-        self.times = times
+        self.times, self.cpu_times = times, cpu_times
 
     def __call__(self, logits, meta):
         if logits.is_cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         out = super().__call__(logits, meta)
         self.times.append(time.perf_counter() - start)
+        self.cpu_times.append(time.thread_time() - cpu_start)
         return out
 
 
@@ -115,7 +116,8 @@ def main() -> None:
     executor = InProcessExecutor(worker_config, make_worker_cls(args.vocab, args.num_seqs, args.logit_scale))
     engine = LLMEngine(config, executor=executor)
     sampler_times: list[float] = []
-    executor.worker.sampler = TimedSampler(executor.worker.sampler, sampler_times)
+    sampler_cpu: list[float] = []
+    executor.worker.sampler = TimedSampler(executor.worker.sampler, sampler_times, sampler_cpu)
     g = torch.Generator().manual_seed(0)
     for i in range(args.num_seqs):
         engine.add_request(f"r{i}", torch.randint(0, args.vocab, (args.prompt_len,), generator=g).tolist(),
@@ -123,6 +125,7 @@ def main() -> None:
     while engine.scheduler.waiting or any(not s.is_prefill_done for s in engine.scheduler.running):
         engine.step()
     sampler_times.clear()
+    sampler_cpu.clear()
     phases: dict[str, list[float]] = {"schedule": [], "execute": [], "postprocess": [], "step": [], "step_cpu": []}
     for _ in range(args.steps):  # the three lines of LLMEngine.step, timed one by one
         c0, t0 = time.thread_time(), time.perf_counter()
@@ -139,12 +142,14 @@ def main() -> None:
     sampler_ms = statistics.median(sampler_times) * 1e3
     # per step, so that a slow sampler step does not hide in the difference of medians
     host_ms = statistics.median(t - st for t, st in zip(phases["step"], sampler_times)) * 1e3
+    # the same in this thread's CPU time: what a loaded machine's descheduling does not inflate
+    host_cpu_ms = statistics.median(t - st for t, st in zip(phases["step_cpu"], sampler_cpu)) * 1e3
     print(f"{args.num_seqs} running sequences, vocab {args.vocab}, {args.sampling} sampling, {args.device}, "
           f"median of {args.steps} decode steps (ms):")
     print(f"  schedule {ms['schedule']:.3f} | execute {ms['execute']:.3f} (sampler {sampler_ms:.3f}) | "
           f"postprocess {ms['postprocess']:.3f}")
     print(f"  step total {ms['step']:.3f} ms wall, {ms['step_cpu']:.3f} ms CPU of this thread; "
-          f"without the sampler's tensor work {host_ms:.3f} ms wall")
+          f"without the sampler's tensor work {host_ms:.3f} ms wall, {host_cpu_ms:.3f} ms CPU")
 
 if __name__ == "__main__":
     main()

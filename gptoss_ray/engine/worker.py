@@ -71,7 +71,7 @@ def should_dequantize(choice: bool | None, device: torch.device, model) -> bool:
     return unpacked_bytes <= available // 4
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # read per step per sequence: no __dict__
 class SeqState:
     """A worker's mirror of one sequence."""
 
