@@ -75,7 +75,7 @@ class BlockPool:
         self.block_hash = [None] * self.num_blocks
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # read per sequence per step: no instance dict
 class BlockTable:
     """One sequence's blocks on one rank: physical block id per logical block (position //
     block_size), one list per layer kind, and how far recycling and prefix naming got."""
@@ -217,12 +217,13 @@ class KVCacheManager:
         """Blocks for the next `num_new_tokens` of a running sequence. Sliding blocks that
         fell behind the window are recycled first. False (nothing taken) if the pool is short.
         Called for every running sequence every step: the common case returns early."""
-        bs, sid, table = self.block_size, seq.seq_id, self.tables[seq.seq_id]
+        sid, computed, bs = seq.seq_id, seq.num_computed_tokens, self.block_size
+        table = self.tables[sid]
         if self.sliding is not None:
-            first = (seq.num_computed_tokens - self.window + 1) // bs
+            first = (computed - self.window + 1) // bs
             if first > table.num_sliding_freed:
                 self._recycle_sliding(sid, table, min(first, len(table.sliding)))
-        need = -(-(seq.num_computed_tokens + num_new_tokens) // bs) - len(table.full)
+        need = -(-(computed + num_new_tokens) // bs) - len(table.full)
         if need <= 0:
             return True
         if need > self.full.num_free or (self.sliding is not None and need > self.sliding.num_free):
