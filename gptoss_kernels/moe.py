@@ -122,13 +122,29 @@ def _moe_experts_grouped(x, expert_ids, weights, w: ExpertWeights, alpha: float,
     return out
 
 
+def dense_gate_up_weight(gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [E, 2I, H] (gate = even rows, up = odd rows) and its bias [E, 2I] -> the
+    [E*2I, H] weight and [E*2I] bias moe_experts_dense's gate_up GEMM multiplies: per expert
+    its I gate rows, then its I up rows, so that the activation reads two contiguous halves."""
+    e, two_i, h = gate_up_weight.shape
+    w = torch.cat([gate_up_weight[:, 0::2], gate_up_weight[:, 1::2]], dim=1)  # [E, 2I, H] de-interleaved
+    b = torch.cat([gate_up_bias[:, 0::2], gate_up_bias[:, 1::2]], dim=1)
+    return w.reshape(e * two_i, h).contiguous(), b.reshape(-1).contiguous()
+
+
+def dense_down_weight(down_weight: torch.Tensor, down_bias: torch.Tensor) -> torch.Tensor:
+    """down [E, H, I] and its bias [E, H] -> the [H, E*I + E] matrix moe_experts_dense's down
+    GEMM multiplies: every expert's down matrix side by side, then the biases as E columns."""
+    return torch.cat([down_weight.permute(1, 0, 2).reshape(down_weight.shape[1], -1), down_bias.T], dim=1)
+
+
 def moe_experts_dense(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     gate_up_linear,
-    down_weight: torch.Tensor,
-    down_bias: torch.Tensor,
+    down_linear,
+    num_experts: int,
     alpha: float = 1.702,
     limit: float = 7.0,
 ) -> torch.Tensor:
@@ -137,15 +153,25 @@ def moe_experts_dense(
 
     For CPU decode steps, where T*K pairs spread over all E experts 1-4 rows each: the
     grouped matmul then loops over E experts with a few rows apiece, while reading every
-    expert's weights anyway. Here gate_up is one [T, H] x [H, E*2I] GEMM
-    (`gate_up_linear(x)` -> [T, E*2I] with bias, a pre-packed oneDNN weight on CPU), down
-    one batched matmul, and the K-way combine a weighted sum over E: three big calls for
+    expert's weights anyway. Here the whole layer is two GEMMs, each one call with a
+    pre-packed oneDNN weight on CPU:
+      - gate_up: `gate_up_linear(x)` -> [T, E*2I] with its bias, against dense_gate_up_weight
+        (each expert's gate rows, then its up rows);
+      - down and the K-way combine at once: out[t] = sum_e w[t,e] (act[t,e] @ down_e^T + b_e)
+        is linear in w[t,e] * act[t,e], so with A = [w * act (flattened over E), w] [T, E*I + E]
+        it is `down_linear(A)` against the experts' down matrices side by side plus their
+        biases as E more columns (dense_down_weight).
     E/K times the flops of the pairs, which costs nothing extra while the weights' bytes
-    bound the step. Unchosen experts' outputs are finite (SwiGLU clamps), so their zero
-    weight removes them exactly."""
-    t, e = x.shape[0], down_weight.shape[0]
+    bound the step; the E-expert sum accumulates in float32 inside the GEMM. Unchosen
+    experts' activations are finite (SwiGLU clamps), so their zero weight removes them exactly.
+    The activation runs in float32 in place (a dozen ops over [T, E, I], as few as eager allows):
+    (up + 1) * gate * sigmoid(alpha * gate) * w = (up + 1) * silu(alpha * gate) * (w / alpha)."""
+    t, e = x.shape[0], num_experts
     h = gate_up_linear(x).view(t, e, -1)  # [T, E, 2I]
-    act = swiglu(h, alpha, limit).transpose(0, 1)  # [E, T, I]
-    y = torch.baddbmm(down_bias[:, None, :].to(act.dtype), act, down_weight.transpose(1, 2).to(act.dtype))  # [E, T, H]
-    dense_w = torch.zeros(t, e, dtype=y.dtype, device=x.device).scatter_(1, topk_ids, topk_weights.to(y.dtype))
-    return torch.einsum("te,eth->th", dense_w, y).to(x.dtype)
+    i = h.shape[-1] // 2
+    gate = h[..., :i].float().contiguous().clamp_(max=limit).mul_(alpha)  # a copy whatever the dtype
+    act = h[..., i:].float().contiguous().clamp_(-limit, limit).add_(1).mul_(torch.nn.functional.silu(gate, inplace=True))
+    dense_w = torch.zeros(t, e, dtype=torch.float32, device=x.device).scatter_(1, topk_ids, topk_weights.float())
+    act.mul_(dense_w[:, :, None] / alpha)  # [T, E, I]
+    a = torch.cat([act.view(t, -1), dense_w], dim=1).to(x.dtype)  # [T, E*I + E]
+    return down_linear(a).to(x.dtype)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gptoss_ray.engine.host_memory import keep_large_allocations
 from gptoss_ray.engine.plan import FULL, SLIDING, BlockTableUpdates, NewSequence, PromptLogprobs, StepPlan, StepResult
 from gptoss_ray.engine.sampler import Sampler, SamplingMetadata, TokenHistory, prompt_logprobs
 from gptoss_ray.engine.structured import GrammarMasks, GrammarState
@@ -98,6 +99,7 @@ class Worker:
         if should_dequantize(config.dequantize_experts, self.device, self.model):
             self.model.dequantize_experts()
         if self.device.type == "cpu":
+            keep_large_allocations()  # no page faults on the step's large temporaries (host_memory.py)
             packed = self.model.pack_for_cpu()
             if packed:
                 logger.info("packed bf16 weights for oneDNN: %s", ", ".join(packed))

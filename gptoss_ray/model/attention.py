@@ -14,6 +14,7 @@ from torch import nn
 
 from gptoss_kernels.ops import paged_attention, store_kv
 from gptoss_ray.config import LAYER_TYPES, SLIDING_ATTENTION, ModelConfig
+from gptoss_ray.model.linear import Linear
 from gptoss_ray.model.rope import rotate
 
 
@@ -81,8 +82,8 @@ class Attention(nn.Module):
         # q, k and v as one GEMM: the checkpoint's q_proj / k_proj / v_proj are row ranges of
         # qkv_proj (see `qkv_rows`; the loader copies each into its range).
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(c.hidden_size, q_dim + 2 * kv_dim, **kw)
-        self.o_proj = nn.Linear(q_dim, c.hidden_size, **kw)
+        self.qkv_proj = Linear(c.hidden_size, q_dim + 2 * kv_dim, **kw)
+        self.o_proj = Linear(q_dim, c.hidden_size, **kw)
         self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=dtype, device=device))
         self.register_buffer("sinks_f32", torch.empty(self.num_heads, dtype=torch.float32, device=device),
                              persistent=False)  # the kernels' dtype; refreshed by `finish_loading`

@@ -16,10 +16,11 @@ from torch import nn
 
 from gptoss_kernels.mxfp4 import dequantize_mxfp4
 from gptoss_kernels import onednn
-from gptoss_kernels.moe import moe_experts_dense
+from gptoss_kernels.moe import dense_down_weight, dense_gate_up_weight, moe_experts_dense
 from gptoss_kernels.ops import ExpertWeights, moe_experts, use_triton
 from gptoss_kernels.routing import topk_softmax
 from gptoss_ray.config import ModelConfig
+from gptoss_ray.model.linear import Linear
 
 
 class LocalExperts(nn.Module):
@@ -71,13 +72,18 @@ class LocalExperts(nn.Module):
 
     def pack_for_cpu(self) -> bool:
         """Where oneDNN packs bf16 weights (a CPU with AVX512-BF16/AMX) and the experts are
-        plain bf16: keep gate_up also as one packed [E*2I, H] GEMM weight (+ its share of
-        memory) for `forward_dense`. Returns whether it did."""
+        plain bf16: keep each projection also as one packed GEMM weight (+ its share of
+        memory) for `forward_dense`: gate_up as [E*2I, H] with its bias, each expert's gate rows
+        before its up rows, and down as
+        [H, E*I + E], every expert's down matrix side by side and then its bias as one more
+        column each, so that one GEMM computes the K-way combine too (moe_experts_dense).
+        Returns whether it did."""
         w = getattr(self, "gate_up_weight", None)
-        if w is None or not onednn.can_pack(w):
+        if w is None or not onednn.can_pack(w) or not onednn.can_pack(self.down_weight):
             return False
-        self._gate_up_packed = onednn.pack_weight(w.reshape(-1, w.shape[-1]))
-        self._gate_up_bias_flat = self.gate_up_bias.reshape(-1)
+        w_dense, self._gate_up_bias_dense = dense_gate_up_weight(w, self.gate_up_bias)  # [E*2I, H], [E*2I]
+        self._gate_up_packed = onednn.pack_weight(w_dense)
+        self._down_packed = onednn.pack_weight(dense_down_weight(self.down_weight, self.down_bias))  # [H, E*I + E]
         return True
 
     def use_dense(self, num_tokens: int, top_k: int) -> bool:
@@ -90,9 +96,12 @@ class LocalExperts(nn.Module):
     def forward_dense(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids [T, K] global ids (all local), topk_weights [T, K] -> [T, H], summed over K."""
         def gate_up(a):
-            return onednn.packed_linear(a, self._gate_up_packed, self._gate_up_bias_flat)
+            return onednn.packed_linear(a, self._gate_up_packed, self._gate_up_bias_dense)
 
-        return moe_experts_dense(x, topk_ids - self.start, topk_weights, gate_up, self.down_weight, self.down_bias,
+        def down(a):
+            return onednn.packed_linear(a, self._down_packed)
+
+        return moe_experts_dense(x, topk_ids - self.start, topk_weights, gate_up, down, self.end - self.start,
                                  self.alpha, self.limit)
 
     def forward_pairs(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -120,7 +129,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig, experts: range, mxfp4: bool, dtype: torch.dtype, device):
         super().__init__()
         self.top_k = config.num_experts_per_tok
-        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=True, dtype=dtype, device=device)
+        self.router = Linear(config.hidden_size, config.num_local_experts, bias=True, dtype=dtype, device=device)
         self.experts = LocalExperts(config, experts.start, experts.stop, mxfp4, dtype, device)
         self.dispatcher: Dispatcher = local_dispatch
         self.record_expert_load = False

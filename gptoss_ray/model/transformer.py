@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptoss_kernels import onednn
 from gptoss_ray.config import ModelConfig
 from gptoss_ray.model.attention import Attention, AttentionMetadata
+from gptoss_ray.model.linear import Linear
 from gptoss_ray.model.moe import MoE
 from gptoss_ray.model.rope import RotaryEmbedding
 
@@ -68,7 +68,7 @@ class GptOssModel(nn.Module):
             TransformerBlock(config, i, self.expert_range, mxfp4, dtype, device) for i in range(config.num_hidden_layers)
         )
         self.model.norm = RMSNorm(h, config.rms_norm_eps, dtype, device)
-        self.lm_head = nn.Linear(h, config.vocab_size, bias=False, dtype=dtype, device=device)
+        self.lm_head = Linear(h, config.vocab_size, bias=False, dtype=dtype, device=device)
         # one cos/sin table for all layers (they share head_dim, theta and scaling)
         self.rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
                                     config.max_position_embeddings)
@@ -92,15 +92,20 @@ class GptOssModel(nn.Module):
         self.rope.max_positions = max(self.rope.max_positions, n)
 
     def pack_for_cpu(self) -> list[str]:
-        """On a CPU with bf16 matmul units, pre-pack the bf16 weights the decode step reads
-        most (the unembedding, and the experts' gate_up for the dense decode path) in
-        oneDNN's layout (see gptoss_kernels.onednn). Returns what was packed."""
+        """On a CPU with bf16 matmul units, pre-pack the bf16 weights a decode step reads in
+        oneDNN's layout (see gptoss_ray.model.linear and gptoss_kernels.onednn): every linear
+        layer (the unembedding above all), and the experts' gate_up and down for the dense
+        decode path. Returns what was packed."""
         packed = []
-        if onednn.can_pack(self.lm_head.weight):
-            self._lm_head_packed = onednn.pack_weight(self.lm_head.weight)
-            packed.append("lm_head")
+        linears = {"lm_head": [self.lm_head]}
+        for layer in self.model.layers:
+            linears.setdefault("attention", []).extend([layer.self_attn.qkv_proj, layer.self_attn.o_proj])
+            linears.setdefault("router", []).append(layer.mlp.router)
+        for name, modules in linears.items():
+            if any([m.pack_for_cpu() for m in modules]):
+                packed.append(name)
         if any([moe.experts.pack_for_cpu() for moe in self.moe_layers()]):
-            packed.append("experts.gate_up")
+            packed.append("experts")
         return packed
 
     @torch.inference_mode()
@@ -121,7 +126,4 @@ class GptOssModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, H] -> [N, V] float32 logits."""
-        packed = getattr(self, "_lm_head_packed", None)
-        if packed is not None and hidden.shape[0] > 0:
-            return onednn.packed_linear(hidden, packed).float()
         return self.lm_head(hidden).float()

@@ -106,9 +106,10 @@ def test_dense_path_equals_the_definition(dtype):
     scores[:, 5] = -1e9
     topk_ids = scores.topk(3, dim=-1).indices
     topk_weights = torch.softmax(torch.randn(12, 3, generator=gen), -1)
-    flat_w, flat_b = w.gate_up_weight.reshape(-1, 64), w.gate_up_bias.reshape(-1)
+    flat_w, flat_b = moe.dense_gate_up_weight(w.gate_up_weight, w.gate_up_bias)
+    down = moe.dense_down_weight(w.down_weight, w.down_bias)
     got = moe.moe_experts_dense(x, topk_ids, topk_weights, lambda a: torch.nn.functional.linear(a, flat_w, flat_b),
-                                w.down_weight, w.down_bias)
+                                lambda a: torch.nn.functional.linear(a, down), 8)
     want = _per_token(x, topk_ids, topk_weights, w)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(got.double(), want, **tol)

@@ -1,5 +1,5 @@
-"""The CPU fast paths of a bf16 model (oneDNN pre-packed unembedding and expert gate_up,
-the dense decode experts) compute the same step as the plain model."""
+"""The CPU fast paths of a bf16 model (oneDNN pre-packed linear layers and experts, the
+dense decode experts) compute the same step as the plain model."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt):
     batch = 8  # 32 (token, expert) pairs over 8 experts: the dense expert path
     want = _decode_logits(exact, batch)
     plain = _decode_logits(model, batch)
-    assert model.pack_for_cpu() == ["lm_head", "experts.gate_up"]
+    assert model.pack_for_cpu() == ["lm_head", "attention", "router", "experts"]
     assert all(moe.experts.use_dense(batch, moe.top_k) for moe in model.moe_layers())
     packed = _decode_logits(model, batch)
     plain_err, packed_err = (plain - want).abs().max(), (packed - want).abs().max()
