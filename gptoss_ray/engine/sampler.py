@@ -103,6 +103,13 @@ class SamplingMetadata:
     # constrained rows: [C] row indices and their [C, W] token bitmasks; None if no row is constrained
     grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def argmax_only(self) -> bool:
+        """Every row greedy and nothing else asked: the tokens are the argmax of the raw logits,
+        exact in the model's dtype (upcasting is exact), so no [S, V] float32 copy is made."""
+        return (self.all_greedy and self.num_logprobs is None and self.penalties is None
+                and self.logit_bias is None and self.grammar is None)
+
     @classmethod
     def build(cls, states: list[SampledRow], vocab_size: int, eos_token_ids: list[int], device,
               history: TokenHistory | None = None,
@@ -244,7 +251,9 @@ class Sampler:
         self._seeded = torch.Generator(device=self.device)  # re-seeded per seeded row
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        logits = logits.float()  # [S, V]
+        """logits [S, V] in the model's dtype or float32; everything past a plain argmax runs in float32."""
+        if not meta.argmax_only:
+            logits = logits.float()
         if meta.grammar is not None:
             logits = apply_token_bitmask(logits, *meta.grammar)
         want_lp = [i for i, k in enumerate(meta.num_logprobs or ()) if k is not None]

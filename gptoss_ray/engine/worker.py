@@ -300,7 +300,7 @@ class Worker:
             grammar = (torch.tensor(constrained, device=self.device), mask)
         if last_rows is not None:  # a pure decode samples every row in order: no gather
             hidden = hidden[torch.from_numpy(last_rows).to(self.device, non_blocking=True)]
-        logits = self.model.compute_logits(hidden)  # [S, V]
+        logits = self.model.compute_logits(hidden, float32=False)  # [S, V]; the sampler upcasts where it must
         meta = SamplingMetadata.build(states, self.vocab_size, list(self.config.eos_token_ids), self.device,
                                       self.history, grammar)
         out = self.sampler(logits, meta)

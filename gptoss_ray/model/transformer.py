@@ -124,6 +124,9 @@ class GptOssModel(nn.Module):
         return self.model.norm(x)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, H] -> [N, V] float32 logits."""
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """[N, H] -> [N, V] logits, in float32 or (float32=False) the model's dtype, for a
+        caller that upcasts only where it needs to (the sampler: 13 MB less per step for 16
+        rows of a 201k vocabulary when it only takes the argmax)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if float32 else logits

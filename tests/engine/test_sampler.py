@@ -245,3 +245,21 @@ def test_sampled_frequencies_match_softmax_of_logits_over_temperature(method, te
     counts = draws(SamplingParams(temperature=temperature), PROBS, rows=rows, seed=1234, method=method).double()
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 24.32, (chi2, counts.tolist(), expected.tolist())
+
+
+def test_bf16_logits_give_float32_results():
+    """The worker hands the sampler logits in the model's dtype: an all-greedy batch takes their
+    argmax as they are (exact), and anything else (here logprobs, a penalty, min_tokens'
+    ban) is computed in float32, not in bfloat16 arithmetic."""
+    logits = (torch.randn(4, V) * 3).bfloat16()
+    exact = logits.float()
+    greedy = sample([state(SamplingParams(temperature=0.0, min_tokens=(i == 1) * 5)) for i in range(4)], logits)
+    want = exact.clone()
+    want[1, EOS] = float("-inf")
+    assert greedy.token_ids == want.argmax(-1).tolist()
+    out = sample([state(SamplingParams(temperature=0.0, logprobs=2 * (i == 0))) for i in range(4)], logits)
+    ref = torch.log_softmax(exact, -1)
+    assert len(out.logprobs[0]) >= 2
+    for token, lp in out.logprobs[0].items():
+        assert lp == pytest.approx(float(ref[0, token]), abs=1e-6)  # bf16's log_softmax is off by ~1e-2
+    assert out.token_ids == exact.argmax(-1).tolist()
