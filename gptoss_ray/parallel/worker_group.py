@@ -138,8 +138,31 @@ class WorkerGroup:
             # timeout (it once was 300 s, and a SIGSTOPped worker stalled every request that
             # long). Slow warm-up steps are covered by ray.get's timeout below, not by this.
             self._dag = outputs.experimental_compile(_submit_timeout=cfg.step_timeout_s)
+            self._register_as_output_reader()
         logger.info("expert-parallel group up: %d ranks, experts %s, compiled graph %s",
                     cfg.ep_size, self.placement.counts(), cfg.use_compiled_graph)
+
+    def _register_as_output_reader(self) -> None:
+        """Make the driver a reader of every rank's output channel now, while every rank lives.
+
+        Each output channel is a shared-memory object owned by the rank that writes it, and
+        Ray registers the driver as its reader lazily: on the first read, or else inside the
+        graph's teardown (`Channel.close()`). A rank that dies before the driver's first read
+        (a worker lost while idle, then `health_check` rebuilds) takes its channel's object
+        with it; teardown then registers against a freed object and Ray aborts the whole
+        process (`RAY_CHECK` in MutableObjectProvider::RegisterReaderChannel: `Invalid:
+        Experimental mutable object must be in the local object store`). Registered here,
+        the driver pins those objects, so tearing down after any loss only closes them.
+        Ray offers no public hook for this; a Ray without it gets plain calls instead."""
+        channels = getattr(self._dag, "dag_output_channels", None)
+        if not channels or not all(hasattr(c, "ensure_registered_as_reader") for c in channels):
+            logger.warning("this Ray's compiled graph has no output channels to register; "
+                           "using one plain remote call per rank per step instead")
+            self._dag.teardown()
+            self._dag = None
+            return
+        for channel in channels:
+            channel.ensure_registered_as_reader()  # idempotent: the first read skips it
 
     def _reserve_bundles(self) -> list[tuple[int, dict]]:
         """(bundle index, resources) for each rank.

@@ -1,5 +1,5 @@
 """Worker loss on the expert-parallel engine: a killed or hung worker mid-generation, and
-one dying while idle. Run by tests/test_parallel_faults.py in a pytest process of its own
+one dying while idle. Run by tests/parallel/test_faults.py in a pytest process of its own
 (see there why); `python -m pytest tests/parallel/parallel_fault_cases.py` runs them directly."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+import ray
 from support.parallel_helpers import PROMPTS, generate, make_engine
 
 from gptoss_ray.sampling_params import SamplingParams
@@ -64,6 +65,36 @@ def test_worker_dying_while_idle_is_replaced_by_the_health_check(tiny_moe_ckpt, 
         assert victim not in engine.executor.worker_pids()
         outputs, _ = generate(engine, PROMPTS[:1], tag="next")
         assert outputs["next0"][0] == reference["outputs"]["r0"][0]
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_group_torn_down_after_its_dead_rank_output_was_freed(tiny_moe_ckpt):
+    """The crash behind this file's child process, made deterministic: a rank dies before the
+    driver ever read the compiled graph's outputs, and the group is torn down only after
+    Ray freed that rank's output channel (owned by the dead rank). Ray registers the driver
+    as the channel's reader inside teardown if it has not yet, and registering against a
+    freed object aborts the process (RAY_CHECK in RegisterReaderChannel). The group now
+    registers at start; without that, this case killed its process in every run.
+
+    Ray's graph monitor thread would tear the graph down itself as soon as it sees the
+    death, usually before the object is freed; it is held back here to make the order the
+    one a loaded machine produced (the health check's teardown coming second)."""
+    engine = make_engine(tiny_moe_ckpt, 2, step_timeout_s=10.0)
+    group = engine.executor.group
+    try:
+        monitor = group._dag._monitor
+        monitor.teardown = lambda kill_actors=False: None  # shadows the method until deleted
+        victim_actor, victim = group.actors[1], engine.executor.worker_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(victim_actor.pid.remote(), timeout=60)
+        time.sleep(3)  # the raylet frees what the dead rank owned shortly after its death
+        del monitor.teardown
+        engine.executor.check_health()  # tears the group down (the abort was here), rebuilds it
+        assert engine.executor.stats().num_rebuilds == 1
+        assert victim not in engine.executor.worker_pids()
     finally:
         engine.shutdown()
 
