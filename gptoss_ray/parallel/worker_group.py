@@ -17,7 +17,9 @@ Failure model: any error or timeout of a step (a worker killed, hung, or raising
 leaves the other ranks stuck inside a collective, so the whole group is killed and the
 step raises `WorkerGroupError` within `step_timeout_s`. Every sequence held by the
 workers is lost with it; the engine fails those requests and the next `execute()`
-starts a fresh group.
+starts a fresh group. The driver registers as the compiled graph's output reader at start,
+so no teardown after a loss needs anything from a dead rank (see
+`_register_as_output_reader`: without it, Ray could abort the driver).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Worker loss on the expert-parallel engine: a killed or hung worker mid-generation, and
-one dying while idle. Run by tests/parallel/test_faults.py in a pytest process of its own
-(see there why); `python -m pytest tests/parallel/parallel_fault_cases.py` runs them directly."""
+"""Worker loss on the expert-parallel engine: a killed or hung worker mid-generation, one
+dying while idle, and one whose output channel Ray freed before the group's teardown. Run by
+tests/parallel/test_faults.py in a pytest process of its own (see there why);
+`python -m pytest tests/parallel/parallel_fault_cases.py` runs them directly."""
 
 from __future__ import annotations
 
