@@ -96,28 +96,40 @@ def _per_sequence(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
     return out
 
 
+def decode_reads(block_tables, context_lens, block_size: int, window: int | None):
+    """What a decode step (one query per sequence, at position ctx - 1) reads: the blocks of
+    each sequence that hold visible keys, and which of their slots are visible.
+
+    -> (tables [B, MB'] int64, -1 replaced by 0; visible [B, MB' * BS] bool). Unreadable slots
+    (beyond the context, outside the window, in -1 blocks) are invisible. The same for every
+    layer with this window, so a step can compute it once per window."""
+    b = block_tables.shape[0]
+    ctx = context_lens.long()  # [B]
+    num_blocks = (int(ctx.max()) + block_size - 1) // block_size
+    # the query sits at position ctx - 1 and sees positions > ctx - 1 - window
+    first = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)  # [B]
+    cols = torch.arange(num_blocks, device=ctx.device)[None, :]  # [1, MB']: the blocks read
+    if window is not None and num_blocks > (span := (window - 1) // block_size + 2):
+        # a window touches at most `span` blocks: read those, not the whole context
+        cols = (first // block_size).clamp(max=num_blocks - span)[:, None] + cols[:, :span]  # [B, span]
+    tables = block_tables[:, :num_blocks].long().gather(1, cols.expand(b, -1))  # [B, MB']
+    pos = (cols[..., None] * block_size + torch.arange(block_size, device=ctx.device)).flatten(1)  # [B or 1, S]
+    visible = (pos < ctx[:, None]) & (pos >= first[:, None])  # [B, S]
+    visible &= (tables >= 0).repeat_interleave(block_size, dim=1)
+    return tables.clamp(min=0), visible
+
+
 def _decode_batched(q, k_cache, v_cache, block_tables, context_lens, sinks, sm_scale, window):
     """One query per sequence (a decode step): all sequences at once instead of a loop,
     keys gathered up to the longest context and masked per sequence. Same semantics as
     the loop: unreadable slots (beyond the context, outside the window, -1 blocks) are
     masked out of both the scores and the values."""
     b, num_heads, d = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    ctx = context_lens.long()  # [B]
-    num_blocks = (int(ctx.max()) + block_size - 1) // block_size
-    # the query sits at position ctx - 1 and sees positions > ctx - 1 - window
-    first = (ctx - window).clamp(min=0) if window is not None else torch.zeros_like(ctx)  # [B]
-    cols = torch.arange(num_blocks, device=q.device)[None, :]  # [1, MB']: the blocks read
-    if window is not None and num_blocks > (span := (window - 1) // block_size + 2):
-        # a window touches at most `span` blocks: read those, not the whole context
-        cols = (first // block_size).clamp(max=num_blocks - span)[:, None] + cols[:, :span]  # [B, span]
-    tables = block_tables[:, :num_blocks].long().gather(1, cols.expand(b, -1))  # [B, MB']
-    pos = (cols[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)  # [B or 1, S]
-    visible = (pos < ctx[:, None]) & (pos >= first[:, None])  # [B, S]
-    visible &= (tables >= 0).repeat_interleave(block_size, dim=1)
-    keys = k_cache[tables.clamp(min=0)].flatten(1, 2).float()  # [B, S, Hkv, D]
-    vals = v_cache[tables.clamp(min=0)].flatten(1, 2).float()
+    tables, visible = decode_reads(block_tables, context_lens, k_cache.shape[1], window)
+    keys = k_cache[tables].flatten(1, 2).float()  # [B, S, Hkv, D]
+    vals = v_cache[tables].flatten(1, 2).float()
     vals = vals.masked_fill(~visible[:, :, None, None], 0.0)  # a NaN in an unread slot must not leak
     qg = q.float().view(b, num_kv_heads, group, d)  # [B, Hkv, G, D]
     scores = torch.einsum("bkgd,bskd->bkgs", qg, keys) * sm_scale  # [B, Hkv, G, S]
