@@ -1,4 +1,4 @@
-"""nn.Linear with an optional oneDNN pre-packed copy of its bf16 weight, for CPUs.
+"""nn.Linear with an optional oneDNN pre-packed copy of its weight, for CPUs.
 
 Every projection a decode step runs (q/k/v, o, the router, the unembedding) is a small-M
 GEMM on CPU, where torch's plain F.linear reorders the weight into oneDNN's blocked layout
@@ -19,13 +19,13 @@ class Linear(nn.Linear):
     packed: torch.Tensor | None = None  # the weight in oneDNN's layout, once pack_for_cpu ran
 
     def pack_for_cpu(self) -> bool:
-        """Pack a bf16 CPU weight where oneDNN has bf16 kernels. Returns whether it did."""
+        """Pack a CPU weight where it pays (onednn.can_pack). Returns whether it did."""
         if not onednn.can_pack(self.weight):
             return False
         self.packed = onednn.pack_weight(self.weight)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and x.shape[0] > 0 and x.dtype == torch.bfloat16:
+        if self.packed is not None and x.dim() == 2 and x.shape[0] > 0 and x.dtype == self.weight.dtype:
             return onednn.packed_linear(x, self.packed, self.bias)
         return super().forward(x)

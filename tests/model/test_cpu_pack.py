@@ -51,3 +51,17 @@ def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt):
     plain_err, packed_err = (plain - want).abs().max(), (packed - want).abs().max()
     assert packed_err <= 1.5 * plain_err, (packed_err, plain_err)
     assert torch.equal(packed.argmax(-1), want.argmax(-1))
+
+
+def test_packed_float32_model_computes_the_same_step(tiny_ckpt, monkeypatch):
+    """Large float32 linear weights are packed too (the unembedding); this tiny model's are
+    small, so the size floor is lowered to pack them all. Float32 experts stay on the pairs
+    path. The packed step equals the plain float32 one (the same sums, in another order)."""
+    exact = load_model(tiny_ckpt, dtype=torch.float32)
+    exact.dequantize_experts()
+    batch = 8
+    want = _decode_logits(exact, batch)
+    monkeypatch.setattr(onednn, "FLOAT32_MIN_ELEMENTS", 0)
+    assert exact.pack_for_cpu() == ["lm_head", "attention", "router"]
+    assert exact.lm_head.packed is not None and not exact.moe_layers()[0].experts.use_dense(batch, 4)
+    torch.testing.assert_close(_decode_logits(exact, batch), want, atol=2e-5, rtol=2e-5)
