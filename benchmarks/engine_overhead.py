@@ -51,8 +51,8 @@ class FixedLogitsModel(nn.Module):
     def forward(self, input_ids, positions, attn, kv_caches):
         return self.hidden[: input_ids.shape[0]]
 
-    def compute_logits(self, hidden):
-        return self.logits[: hidden.shape[0]]
+    def compute_logits(self, hidden, float32: bool = True):
+        return self.logits[: hidden.shape[0]]  # float32 either way (the model's dtype here)
 
     def moe_layers(self):
         return []
