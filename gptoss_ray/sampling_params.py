@@ -188,7 +188,7 @@ def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, p
     return max_tokens
 
 
-@dataclass
+@dataclass(slots=True)  # one per running sequence per step: slots make each ~2x cheaper to build
 class TokenDelta:
     """What the engine yields for one request after a step: the tokens that step added.
 

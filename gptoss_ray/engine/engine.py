@@ -249,8 +249,10 @@ class LLMEngine:
                 if (token not in seq.stop_ids and len(tokens) - seq.num_prompt_tokens < seq.max_output_tokens
                         and seq.params.plain_output and not seq.spawn_pending):  # Sequence.fast_path
                     # The common case, kept lean: nothing ends the sequence.
-                    append(TokenDelta(seq.request_id, seq.index, [token], num_prompt_tokens=seq.num_prompt_tokens,
-                                      num_cached_tokens=seq.num_cached_tokens))
+                    # positional (request_id, index, token_ids, logprobs, finish_reason, stop_reason,
+                    # error, num_prompt_tokens, num_cached_tokens): keywords cost more per call
+                    append(TokenDelta(seq.request_id, seq.index, [token], None, None, None, None,
+                                      seq.num_prompt_tokens, seq.num_cached_tokens))
                 else:
                     append(self._append_token(seq, lp))
         return deltas

@@ -224,14 +224,18 @@ class KVCacheManager:
             if first > table.num_sliding_freed:
                 self._recycle_sliding(sid, table, min(first, len(table.sliding)))
         need = -(-(computed + num_new_tokens) // bs) - len(table.full)
-        if need <= 0:
-            return True
-        if need > self.full.num_free or (self.sliding is not None and need > self.sliding.num_free):
-            return False
-        for _ in range(need):
-            self._set(FULL, sid, table, len(table.full), self.full.allocate())
-            if self.sliding is not None:
-                self._set(SLIDING, sid, table, len(table.sliding), self.sliding.allocate())
+        if need > 0:
+            if need > self.full.num_free or (self.sliding is not None and need > self.sliding.num_free):
+                return False
+            for _ in range(need):
+                self._set(FULL, sid, table, len(table.full), self.full.allocate())
+                if self.sliding is not None:
+                    self._set(SLIDING, sid, table, len(table.sliding), self.sliding.allocate())
+        # Until these change, a call would neither allocate (the tokens fit the named blocks)
+        # nor recycle (first <= num_sliding_freed above): the scheduler's skip (Sequence.kv_room).
+        seq.kv_room = len(table.full) * bs
+        seq.kv_recycle_at = ((table.num_sliding_freed + 1) * bs + self.window - 1 if self.sliding is not None
+                             else 1 << 62)
         return True
 
     def _recycle_sliding(self, seq_id: int, table: BlockTable, upto: int) -> None:
@@ -257,6 +261,7 @@ class KVCacheManager:
         """Return all of `seq`'s blocks, deepest first: the free list evicts from its front, and
         deep blocks are the least likely to be shared again. The table goes with them."""
         table = self.tables.pop(seq.seq_id)
+        seq.kv_room = seq.kv_recycle_at = 0  # the next append_slots is on a new table: no skip
         for block in reversed(table.full):
             self.full.release(block)
         if self.sliding is not None:

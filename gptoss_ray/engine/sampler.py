@@ -114,7 +114,8 @@ class SamplingMetadata:
     def build(cls, states: list[SampledRow], vocab_size: int, eos_token_ids: list[int], device,
               history: TokenHistory | None = None,
               grammar: tuple[torch.Tensor, torch.Tensor] | None = None) -> SamplingMetadata:
-        greedy_list = [s.params.greedy for s in states]
+        params = [s.params for s in states]
+        greedy_list = [p.greedy for p in params]
         meta = cls(temperature=None, greedy=None, all_greedy=all(greedy_list), top_k=None, top_p=None, min_p=None,
                    seeds=[], banned=[], penalties=None, num_logprobs=None, grammar=grammar)
         if not meta.all_greedy:
@@ -122,9 +123,8 @@ class SamplingMetadata:
             meta.temperature = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in states]).to(
                 device, non_blocking=True)
             meta.greedy = torch.tensor(greedy_list).to(device, non_blocking=True)
-        if all(s.params.plain_sampling for s in states):  # the common case: nothing but temperature / greedy
+        if all([p.plain_sampling for p in params]):  # the common case: nothing but temperature / greedy
             return meta
-        params = [s.params for s in states]
 
         def column(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -94,6 +94,14 @@ class Scheduler:
             n = len(seq.token_ids) - seq.num_computed_tokens  # 1 for a decode
             if n > budget:
                 n = budget
+            computed = seq.num_computed_tokens
+            if computed + n <= seq.kv_room and computed < seq.kv_recycle_at:
+                # append_slots would change nothing (kv_cache.py sets the bounds): most
+                # decode steps, block_size - 1 in block_size, skip the call
+                scheduled.append((seq, n))
+                budget -= n
+                i += 1
+                continue
             while not kv[seq.rank].append_slots(seq, n):
                 victim = next(s for s in reversed(self.running) if s.rank == seq.rank)
                 self._preempt(victim)

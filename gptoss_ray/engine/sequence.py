@@ -45,6 +45,11 @@ class Sequence:
     # EOS unless ignored) and the output length at which it ends.
     stop_ids: frozenset[int] = frozenset()
     max_output_tokens: int = 1 << 62
+    # Set by its rank's KVCacheManager.append_slots: while num_computed_tokens + new tokens
+    # <= kv_room and num_computed_tokens < kv_recycle_at, append_slots would change nothing,
+    # so the scheduler skips the call (most decode steps). 0 (free, new) forces the call.
+    kv_room: int = 0
+    kv_recycle_at: int = 0
     spawn_pending: bool = False  # sample 0 of an n>1 request whose other samples wait for its prefill
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None

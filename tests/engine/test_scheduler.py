@@ -109,3 +109,46 @@ def test_pool_sizing_for_gpt_oss_120b():
     full, sliding = plan_num_blocks(40 * 2**30, 16 * per_token_full, 16 * per_token_full, needed)
     assert sliding == needed and full * 16 * per_token_full + sliding * 16 * per_token_full <= 40 * 2**30
     assert full > 60_000  # ~1M tokens of context in 40 GiB
+
+
+def test_skipping_append_slots_between_block_boundaries_changes_no_table():
+    """The scheduler skips append_slots while a sequence's new tokens fit its blocks and no
+    sliding block falls behind the window (Sequence.kv_room / kv_recycle_at): the tables
+    and their updates must equal those of a manager called every step."""
+    sched = Scheduler(managers(blocks=64, sliding=64), max_num_seqs=4, max_num_batched_tokens=512)
+    ref = managers(blocks=64, sliding=64)[0]
+    prompts = [range(10 * i + 1, 10 * i + 6 + i) for i in range(3)]  # no shared prefix: no cache hits
+    seqs = [seq(p, rid=f"r{i}") for i, p in enumerate(prompts)]
+    mirrors = [seq(p, rid=f"m{i}") for i, p in enumerate(prompts)]
+    for s in seqs:
+        sched.add(s)
+    calls = 0
+    original = sched.kv[0].append_slots
+
+    def counting(s, n):
+        nonlocal calls
+        calls += 1
+        return original(s, n)
+
+    sched.kv[0].append_slots = counting
+    for i in range(40):
+        plan, scheduled = sched.schedule()
+        for (s, n), m in zip(scheduled, mirrors):
+            if i == 0:
+                ref.allocate(m, 0, n)
+            else:
+                m.num_computed_tokens = s.num_computed_tokens
+                m.token_ids = list(s.token_ids)
+                assert ref.append_slots(m, n)
+        ours, theirs = plan.ranks[0].table_updates, ref.drain_updates()
+        for kind in (FULL, SLIDING):
+            assert (ours[kind].cols, ours[kind].blocks) == (theirs[kind].cols, theirs[kind].blocks), (i, kind)
+        for s, n in scheduled:
+            s.num_computed_tokens += n
+            sched.kv[0].register_computed(s, s.num_computed_tokens // BS)
+            if s.num_computed_tokens == s.num_tokens:
+                s.token_ids.append(7)
+    for s, m in zip(seqs, mirrors):
+        assert sched.kv[0].table(s).full == ref.table(m).full
+        assert sched.kv[0].table(s).sliding == ref.table(m).sliding
+    assert calls < 40 * 3 / 2  # the skip is taken: roughly one call in BS, plus recycling
