@@ -26,13 +26,18 @@ def bf16_packing_available() -> bool:
 FLOAT32_MIN_ELEMENTS = 1 << 21  # 8 MB: below it oneDNN's per-call cost outweighs the packed layout
 
 
-def can_pack(weight: torch.Tensor) -> bool:
-    """Whether packing `weight` pays: any bf16 weight where oneDNN has bf16 kernels, a large float32 one."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+def packs(dtype: torch.dtype, numel: int) -> bool:
+    """Whether a CPU weight of this dtype and size is worth packing: any bf16 one where oneDNN
+    has bf16 kernels, a large float32 one (the memory planner asks this before loading)."""
+    if not torch.backends.mkldnn.is_available():
         return False
-    if weight.dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:
         return bf16_packing_available()
-    return weight.dtype == torch.float32 and weight.numel() >= FLOAT32_MIN_ELEMENTS
+    return dtype == torch.float32 and numel >= FLOAT32_MIN_ELEMENTS
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and packs(weight.dtype, weight.numel())
 
 
 def pack_weight(weight: torch.Tensor, rows_hint: int = 16) -> torch.Tensor:

@@ -33,8 +33,10 @@ def test_weight_count_matches_the_loaded_model(tiny_ckpt):
 def test_utilization_gives_kv_what_weights_and_activations_leave(tiny_ckpt, monkeypatch):
     monkeypatch.setattr(memory, "device_memory", lambda device, ep: (4 * GiB, 3 * GiB))
     config = _config(tiny_ckpt, gpu_memory_utilization=0.5)
-    weights = memory.weight_bytes(tiny_ckpt, "float32", 1, False)
-    activations = memory.activation_bytes(build_worker_config(config)[1], config, "float32")
+    model = build_worker_config(config)[1]
+    weights = memory.weight_bytes(tiny_ckpt, "float32", 1, False) + memory.packed_copy_bytes(model, config, "cpu",
+                                                                                             "float32")
+    activations = memory.activation_bytes(model, config, "float32")
     kv = memory.kv_cache_bytes(config, tiny_ckpt, build_worker_config(config)[1], "cpu", "float32")
     assert kv == int(2 * GiB - weights - activations)
     # the same pool as an explicit budget of that many bytes
@@ -64,3 +66,40 @@ def test_cpu_memory_is_the_hosts_shared_by_the_workers():
     assert 0 < free1 <= total1 and total2 == total1 // 2
     if torch.cuda.is_available():
         assert memory.device_memory("cuda", 1)[0] == torch.cuda.mem_get_info()[1]
+
+
+def test_the_planner_counts_the_packed_copies_the_worker_makes(tiny_ckpt, monkeypatch):
+    """On CPU the oneDNN-packed copies sit beside the plain weights: the planner's count equals
+    what packing a loaded model adds (float32 with the size floor lowered so every linear layer
+    packs; the tiny checkpoint's experts are MXFP4, so they get no copy)."""
+    from gptoss_kernels import onednn
+
+    monkeypatch.setattr(onednn, "FLOAT32_MIN_ELEMENTS", 0)
+    model = load_model(tiny_ckpt)
+    model.dequantize_experts()
+    model.pack_for_cpu()
+    linears = [model.lm_head] + [m for layer in model.model.layers
+                                 for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.router)]
+    added = sum(m.weight.numel() * m.weight.element_size() for m in linears if m.packed is not None)
+    config = _config(tiny_ckpt)
+    assert added > 0
+    assert memory.packed_copy_bytes(build_worker_config(config)[1], config, "cpu", "float32") == added
+    assert memory.packed_copy_bytes(build_worker_config(config)[1], config, "cuda", "float32") == 0
+
+
+def test_cuda_graphs_reserve_their_pool_out_of_the_kv_budget(tiny_ckpt, monkeypatch):
+    """With graphs (CUDA, ep_size 1, not enforce_eager) the KV pool is smaller by the graph pool's
+    bound; without them it is not."""
+    monkeypatch.setattr(memory, "device_memory", lambda device, ep: (4 * GiB, 3 * GiB))
+    model = build_worker_config(_config(tiny_ckpt))[1]
+
+    def kv(**kw):
+        return memory.kv_cache_bytes(_config(tiny_ckpt, gpu_memory_utilization=0.5, **kw), tiny_ckpt, model, "cuda",
+                                     "float32")
+
+    pool = memory.graph_pool_bytes(model, _config(tiny_ckpt), "cuda", "float32")
+    assert pool > 0
+    assert kv(enforce_eager=True) - kv() == pool
+    assert kv(static_decode=False) == kv(enforce_eager=True)
+    assert memory.graph_pool_bytes(model, _config(tiny_ckpt, cuda_graph_sizes=[1, 2]), "cuda", "float32") < pool
+    assert memory.graph_pool_bytes(model, _config(tiny_ckpt), "cpu", "float32") == 0
