@@ -95,14 +95,10 @@ class Scheduler:
             if n > budget:
                 n = budget
             computed = seq.num_computed_tokens
-            if computed + n <= seq.kv_room and computed < seq.kv_recycle_at:
-                # append_slots would change nothing (kv_cache.py sets the bounds): most
-                # decode steps, block_size - 1 in block_size, skip the call
-                scheduled.append((seq, n))
-                budget -= n
-                i += 1
-                continue
-            while not kv[seq.rank].append_slots(seq, n):
+            # append_slots would change nothing while the tokens fit (kv_cache.py sets the bounds):
+            # most decode steps, block_size - 1 in block_size, skip the call
+            fits = computed + n <= seq.kv_room and computed < seq.kv_recycle_at
+            while not fits and not kv[seq.rank].append_slots(seq, n):
                 victim = next(s for s in reversed(self.running) if s.rank == seq.rank)
                 self._preempt(victim)
                 preempted = True

@@ -289,7 +289,7 @@ class Worker:
             hidden = runner.run(input_ids, starts, [st.row for st in states])  # [B, H]: padding cut off
             last_rows = None  # row i is sequence i's token
         else:  # prefill, mixed, or larger than every bucket: eager
-            attn, positions, last_rows = self._metadata(states, starts, num_new_tokens)
+            attn, positions, last_rows = self._metadata(states, starts, num_new_tokens, decode)
             ids = torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(self.device, non_blocking=True)
             hidden = self.model(ids, positions, attn, self.kv_caches)  # [T, H]
             if decode:
@@ -338,7 +338,7 @@ class Worker:
             offset += n
         return out
 
-    def _metadata(self, states: list[SeqState], starts: list[int], num_new: list[int]):
+    def _metadata(self, states: list[SeqState], starts: list[int], num_new: list[int], decode: bool):
         """Attention metadata for the packed step; also the row of each sequence's last token
         (numpy). Computed in numpy from the host block tables (cheaper per op than torch at
         these sizes), then copied to the device once per tensor."""
@@ -347,8 +347,7 @@ class Worker:
         dev, bs = self.device, self.block_size
         start = np.array(starts, dtype=np.int64)  # [B]
         rows = np.array([st.row for st in states], dtype=np.int64)  # [B]
-        decode = len(num_new) == sum(num_new)  # one token per sequence
-        if decode:  # the common step, in fewer numpy ops (each costs microseconds at 256 rows)
+        if decode:  # one token per sequence, the common step, in fewer numpy ops (each costs microseconds at 256 rows)
             cu = np.arange(len(start) + 1, dtype=np.int64)
             positions, token_rows = start, rows  # [T]
             context = start + 1  # [B]
