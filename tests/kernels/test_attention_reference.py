@@ -8,26 +8,14 @@ import pytest
 import torch
 
 from gptoss_kernels.attention import _decode_batched, _per_sequence, paged_attention_ref
+from support.paged import random_decode_step
 
 
 @pytest.mark.parametrize("window", [None, 8, 1])
 @pytest.mark.parametrize("heads", [(8, 2), (4, 4)])
 def test_batched_decode_equals_per_sequence(window, heads):
-    g = torch.Generator().manual_seed(hash((window, heads)) % 2**31)
-    hq, hkv = heads
-    b, d, bs, nb = 12, 16, 4, 300
-    k_cache, v_cache = torch.randn(nb, bs, hkv, d, generator=g), torch.randn(nb, bs, hkv, d, generator=g)
-    k_cache[0], v_cache[0] = float("nan"), float("nan")  # block 0 is never handed out
-    ctx = torch.randint(1, 60, (b,), dtype=torch.int32, generator=g)
-    ctx[0], ctx[1] = 1, 60  # a first token, and a context ending on a block edge
-    tables = (torch.randperm(nb - 1, generator=g)[: b * 15] + 1).view(b, 15).int()
-    for i in range(b):  # poison the unused tail of each table row and recycle blocks left of the window
-        used = (int(ctx[i]) + bs - 1) // bs
-        tables[i, used:] = 0
-        if window:
-            tables[i, : max(0, int(ctx[i]) - window) // bs] = -1
-    q = torch.randn(b, hq, d, generator=g)
-    sinks = 3 * torch.randn(hq, generator=g)
+    q, k_cache, v_cache, tables, ctx, sinks = random_decode_step(window, heads, hash((window, heads)) % 2**31)
+    b = q.shape[0]
     cu = torch.arange(b + 1, dtype=torch.int32)
     batched = _decode_batched(q, k_cache, v_cache, tables, ctx, sinks, 0.25, window)
     looped = _per_sequence(q, k_cache, v_cache, tables, cu, ctx, sinks, 0.25, window)

@@ -13,7 +13,7 @@ import time
 import httpx
 import openai
 import pytest
-from support.scripted import scripted_app
+from support.scripted import scripted_app, sdk_client
 
 from gptoss_ray.harmony.encoding import decode, get_encoding
 from gptoss_ray.harmony.render import render_chat
@@ -35,7 +35,7 @@ def app():
 
 @pytest.fixture
 def client(app):
-    return openai.OpenAI(base_url=app[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return sdk_client(app[0])
 
 
 def debug(app, name):

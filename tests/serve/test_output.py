@@ -9,9 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 
 import httpx
-import openai
 import pytest
-from support.scripted import scripted_app
+from support.scripted import scripted_app, sdk_client
 
 from gptoss_ray.harmony.encoding import get_encoding
 from gptoss_ray.sampling_params import MAX_STOP_CHARS
@@ -29,7 +28,7 @@ def app():
 
 @pytest.fixture
 def client(app):
-    return openai.OpenAI(base_url=app[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return sdk_client(app[0])
 
 
 def ids(text: str) -> list[int]:

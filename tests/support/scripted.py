@@ -17,3 +17,10 @@ def scripted_app(model: str, app_name: str) -> Iterator[tuple[str, object]]:
         from ray import serve
 
         yield url, serve.get_deployment_handle("LLMServer", app_name=app_name)
+
+
+def sdk_client(url: str):
+    """The official openai client on an app's base URL: no retries, so a test sees every error."""
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
