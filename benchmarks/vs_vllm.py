@@ -11,6 +11,11 @@ this file's `--child` mode), each doing one warm-up generate and then `--runs` t
 the same 16 prompts (ids from random.Random(0)), greedy, EOS ignored, `--threads` threads.
 Each prints its median output tok/s; the table gives every round and the ratios of ours to
 each peer within the round, so a busy shared machine moves numerator and denominator alike.
+
+`--huge-pages` (engine/host_memory.py): "ours" (default) starts our child with the
+environment gptoss-ray's own worker processes start with (glibc's huge-page tunable) and the
+peers as they install; "all" gives the peers the same environment too; "none" gives it to
+no one.
 """
 
 from __future__ import annotations
@@ -73,6 +78,11 @@ def run_engine(engine: str, args) -> dict:
     common = ["--n", str(args.num_prompts), "--plen", str(args.prompt_len), "--gen", str(args.output_len),
               "--runs", str(args.runs), "--dtype", args.dtype, "--model", args.model]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("GLIBC_TUNABLES", None)
+    if args.huge_pages == "all" or (args.huge_pages == "ours" and engine == "ours"):
+        from gptoss_ray.engine.host_memory import worker_env
+
+        env |= worker_env("cpu", {})
     if engine == "vllm":
         env |= dict(VLLM_ENABLE_V1_MULTIPROCESSING="0", TIKTOKEN_ENCODINGS_BASE="/tmp/enc",
                     VLLM_CACHE_ROOT="/tmp/peer/cache/vllm", TORCHINDUCTOR_CACHE_DIR="/tmp/peer/cache/inductor",
@@ -115,12 +125,15 @@ def main() -> None:
     p.add_argument("--peer-dir", type=Path, default=PEER_DIR)
     p.add_argument("--engine-kwargs", default=None, help="JSON of extra LLM(...) arguments for ours")
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--huge-pages", choices=["ours", "all", "none"], default="ours",
+                   help="which engines start with the huge-page environment (see above)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
     print(f"{args.num_prompts} x {args.prompt_len} in, {args.output_len} out, {args.dtype}, {args.threads} threads, "
-          f"median of {args.runs} runs per round; engines alternate each round", flush=True)
+          f"median of {args.runs} runs per round; engines alternate each round; huge pages: {args.huge_pages}",
+          flush=True)
     table = []
     for r in range(args.rounds):
         row = {e: run_engine(e, args)["median_tok_s"] for e in args.engines}

@@ -24,6 +24,7 @@ import ray
 
 from gptoss_ray.config import EngineConfig, ModelConfig
 from gptoss_ray.engine.executor import Executor
+from gptoss_ray.engine.host_memory import worker_env
 from gptoss_ray.engine.plan import StepPlan, StepResult
 from gptoss_ray.engine.worker import Worker, WorkerConfig
 from gptoss_ray.engine_api import ExpertParallelStats
@@ -60,6 +61,7 @@ class RayExecutor(Executor):
                 device=worker_config.device, placement_strategy=engine_config.placement_strategy,
                 worker_num_cpus=engine_config.worker_num_cpus, step_timeout_s=engine_config.step_timeout_s,
                 use_compiled_graph=use_compiled_graph, rendezvous_host=engine_config.rendezvous_host,
+                env_vars=tuple(worker_env(worker_config.device).items()),  # host_memory.py
             ),
             EngineWorkerFactory(worker_config),
         )

@@ -67,6 +67,7 @@ class WorkerGroupConfig:
     step_timeout_s: float = 60.0  # a step not answered by then declares the group dead
     use_compiled_graph: bool = True  # False: one plain remote call per rank per step
     rendezvous_host: str = "127.0.0.1"  # where rank 0's TCPStore listens (see group.py); "node" = its node IP
+    env_vars: tuple[tuple[str, str], ...] = ()  # set in each rank actor's process as it starts
 
 
 @dataclass
@@ -122,6 +123,7 @@ class WorkerGroup:
         self.actors = [
             actor_cls.options(
                 num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), max_restarts=0,
+                runtime_env={"env_vars": dict(cfg.env_vars)} if cfg.env_vars else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=index),
             ).remote(r, cfg.ep_size, cfg.device, self.placement.range(r), self.worker_factory)
             for r, (index, bundle) in enumerate(bundles)

@@ -18,6 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from gptoss_ray.engine.host_memory import worker_env
 from gptoss_ray.serve.config import ServeConfig, serve_logging
 from gptoss_ray.serve.ingress import OpenAIIngress
 from gptoss_ray.serve.llm_server import LLMServerReplica
@@ -41,7 +42,9 @@ def server_resources(config: ServeConfig) -> dict[str, Any]:
     engine = config.engine
     gpu = {"GPU": 1} if _wants_gpu(engine.device) else {}
     if engine.ep_size == 1:
-        return {"ray_actor_options": {"num_cpus": config.server_num_cpus, "num_gpus": gpu.get("GPU", 0)}}
+        options = {"num_cpus": config.server_num_cpus, "num_gpus": gpu.get("GPU", 0)}
+        env = worker_env("cuda" if gpu else "cpu")  # the replica's process runs the worker (host_memory.py)
+        return {"ray_actor_options": options | ({"runtime_env": {"env_vars": env}} if env else {})}
     # Ray refuses an empty bundle: a sliver of CPU keeps a "0 CPU" bundle schedulable
     replica = {"CPU": max(config.server_num_cpus, 0.001)}
     worker = {"CPU": max(engine.worker_num_cpus, 0.001)} | gpu

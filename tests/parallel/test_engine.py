@@ -4,11 +4,14 @@ each rank holding only its experts. Recovery from a lost worker: test_parallel_f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from support.net import is_loopback, listening
 from support.parallel_helpers import generate, make_engine
 
 from gptoss_ray.config import PRESETS
+from gptoss_ray.engine.host_memory import worker_env
 from gptoss_ray.model.loader import load_model
 from gptoss_ray.parallel.placement import ExpertPlacement
 from gptoss_ray.parallel.rank import weight_bytes
@@ -26,6 +29,8 @@ def ep_runs(ray_cluster, tiny_moe_ckpt) -> dict[int, dict]:
             outputs, ranks = generate(engine)
             runs[ep_size] = dict(outputs=outputs, ranks=ranks, stats=engine.executor.stats(),
                                  listening=listening(engine.executor.group.pids),
+                                 environ=[Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                                          for pid in engine.executor.group.pids],
                                  rendezvous=engine.executor.group.rendezvous,
                                  weight_bytes=engine.executor.weight_bytes(),
                                  expert_load=engine.stats().expert_load)
@@ -83,3 +88,12 @@ def test_rendezvous_store_and_collectives_listen_on_loopback_only(ep_runs, ep_si
     assert host == "127.0.0.1" and [(a, p) for _, a, p in sockets if p == port] == [(host, port)], sockets
     outside = [pid for pid, addr, _ in sockets if not is_loopback(addr)]
     assert len(outside) == len(set(outside)) <= ep_size, sockets  # at most Ray's one per process
+
+
+def test_cpu_rank_processes_start_with_the_worker_env(ep_runs):
+    """Each rank actor's process was started with engine/host_memory.worker_env (glibc reads
+    it at start-up only: huge pages for the rank's weights and step temporaries)."""
+    wanted = [f"{k}={v}".encode() for k, v in worker_env("cpu").items()]
+    for ep_size, run in ep_runs.items():
+        for environ in run["environ"]:
+            assert all(w in environ for w in wanted), ep_size

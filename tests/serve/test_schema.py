@@ -96,6 +96,7 @@ def test_served_model_name_and_yaml_args(args, name):
 
 
 def test_replica_resources_follow_ep_size():
+    from gptoss_ray.engine.host_memory import worker_env
     from gptoss_ray.serve.app import server_resources
 
     one = server_resources(ServeConfig.from_args({"device": "cuda"}))
@@ -106,6 +107,9 @@ def test_replica_resources_follow_ep_size():
     assert three["placement_group_strategy"] == "STRICT_PACK" and three["ray_actor_options"] == {"num_cpus": 1.0}
     cpu = server_resources(ServeConfig.from_args({"ep_size": 2, "device": "cpu", "worker_num_cpus": 0}))
     assert cpu["placement_group_bundles"][1] == {"CPU": 0.001}  # Ray refuses empty bundles
+    # an ep_size 1 replica runs its CPU worker in its own process: started with the worker's env
+    cpu_one = server_resources(ServeConfig.from_args({"device": "cpu"}))["ray_actor_options"]
+    assert cpu_one["runtime_env"] == {"env_vars": worker_env("cpu")} and cpu_one["num_gpus"] == 0
 
 
 @pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
