@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gptoss_kernels.mxfp4 import dequantize_mxfp4
-from gptoss_kernels import onednn
+from gptoss_kernels import moe_cpu, onednn
 from gptoss_kernels.moe import dense_down_weight, dense_gate_up_weight, moe_experts_dense
 from gptoss_kernels.ops import ExpertWeights, moe_experts, use_triton
 from gptoss_kernels.routing import topk_softmax
@@ -71,31 +71,48 @@ class LocalExperts(nn.Module):
             self.register_buffer(f"{proj}_weight", dense)
 
     def pack_for_cpu(self) -> bool:
-        """Where oneDNN packs bf16 weights (a CPU with AVX512-BF16/AMX) and the experts are
-        plain bf16 (float32 experts stay on the grouped pairs path: densely they measured
-        slower, 429 vs 384 ms per run of the 16 x 32 float32 workload): keep each
-        projection also as one packed GEMM weight (+ its share of memory) for `forward_dense`:
+        """Ready the plain bf16 experts of a CPU for decode steps. Where the C kernel builds
+        (gptoss_kernels.moe_cpu: AVX512-BF16 and a C compiler), decode steps take it, reading
+        the weights as they are. Otherwise, where oneDNN packs bf16 weights, keep each
+        projection also as one packed GEMM weight (+ its share of memory) for the dense path:
         gate_up as [E*2I, H] with its bias, each expert's gate rows before its up rows, and
         down as [H, E*I + E], every expert's down matrix side by side and then its bias as one
         more column each, so that one GEMM computes the K-way combine too (moe_experts_dense).
-        Returns whether it did."""
+        float32 experts stay on the grouped pairs path (densely they measured slower, 429 vs
+        384 ms per run of the 16 x 32 float32 workload). Returns whether either was set up."""
         w = getattr(self, "gate_up_weight", None)
-        if w is None or w.dtype != torch.bfloat16 or not onednn.can_pack(w) or not onednn.can_pack(self.down_weight):
+        if w is None:
+            return False
+        if moe_cpu.supports(w, self.down_weight):
+            self._fused = True
+            return True
+        if w.dtype != torch.bfloat16 or not onednn.can_pack(w) or not onednn.can_pack(self.down_weight):
             return False
         w_dense, self._gate_up_bias_dense = dense_gate_up_weight(w, self.gate_up_bias)  # [E*2I, H], [E*2I]
         self._gate_up_packed = onednn.pack_weight(w_dense)
         self._down_packed = onednn.pack_weight(dense_down_weight(self.down_weight, self.down_bias))  # [H, E*I + E]
         return True
 
+    _fused = False  # decode steps take gptoss_kernels.moe_cpu (pack_for_cpu)
+
     def use_dense(self, num_tokens: int, top_k: int) -> bool:
-        """The dense path pays where pairs cover most experts a few rows each (E..4E pairs:
-        decode batches); below, it would read experts nobody chose; above, its E/K extra flops
-        show (measured: benchmarks/RESULTS.md, 'CPU decode step')."""
-        e = self.end - self.start
-        return hasattr(self, "_gate_up_packed") and e <= num_tokens * top_k <= 4 * e
+        """Whether forward_dense takes this step. The C kernel reads only the chosen experts,
+        once each: it pays for any decode-sized step (up to 4 pairs per expert); beyond, the
+        grouped matmuls' larger tiles win. The dense GEMMs pay where pairs cover most experts
+        a few rows each (E..4E pairs: decode batches); below, they would read experts nobody
+        chose; above, their E/K extra flops show (measured: benchmarks/RESULTS.md, 'CPU decode step')."""
+        e, pairs = self.end - self.start, num_tokens * top_k
+        if self._fused:
+            return pairs <= 4 * e
+        return hasattr(self, "_gate_up_packed") and e <= pairs <= 4 * e
 
     def forward_dense(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids [T, K] global ids (all local), topk_weights [T, K] -> [T, H], summed over K."""
+        if self._fused:
+            return moe_cpu.moe_decode_bf16(x, topk_ids - self.start, topk_weights, self.gate_up_weight,
+                                           self.gate_up_bias, self.down_weight, self.down_bias, self.alpha,
+                                           self.limit)
+
         def gate_up(a):
             return onednn.packed_linear(a, self._gate_up_packed, self._gate_up_bias_dense)
 

@@ -1,12 +1,12 @@
-"""The CPU fast paths of a bf16 model (oneDNN pre-packed linear layers and experts, the
-dense decode experts) compute the same step as the plain model."""
+"""The CPU fast paths of a bf16 model (oneDNN pre-packed linear layers; the decode experts
+through the C kernel or the dense packed GEMMs) compute the same step as the plain model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gptoss_kernels import onednn
+from gptoss_kernels import moe_cpu, onednn
 from gptoss_ray.model.attention import allocate_kv_cache, contiguous_metadata
 from gptoss_ray.model.loader import load_model
 
@@ -36,9 +36,15 @@ def _decode_logits(model, batch: int) -> torch.Tensor:
     return model.compute_logits(hidden)
 
 
-def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt):
+@pytest.mark.parametrize("experts", ["c_kernel", "dense_gemms"])
+def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt, experts, monkeypatch):
     """bf16 rounds in another order on the packed path, so it is held to the float32 model:
-    no further from it than the plain bf16 model is, and the same greedy tokens."""
+    no further from it than the plain bf16 model is, and the same greedy tokens. The decode
+    experts take the C kernel (gptoss_kernels.moe_cpu) where it builds, else the dense GEMMs."""
+    if experts == "c_kernel" and moe_cpu.kernel() is None:
+        pytest.skip("the CPU MoE kernel does not build here (no AVX512-BF16 or no C compiler)")
+    if experts == "dense_gemms":
+        monkeypatch.setattr(moe_cpu, "takes", lambda *a: False)
     exact = load_model(tiny_ckpt, dtype=torch.float32)
     exact.dequantize_experts()
     model = _bf16_plain_experts(tiny_ckpt)
@@ -47,6 +53,7 @@ def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt):
     plain = _decode_logits(model, batch)
     assert model.pack_for_cpu() == ["lm_head", "attention", "router", "experts"]
     assert all(moe.experts.use_dense(batch, moe.top_k) for moe in model.moe_layers())
+    assert all(moe.experts._fused == (experts == "c_kernel") for moe in model.moe_layers())
     packed = _decode_logits(model, batch)
     plain_err, packed_err = (plain - want).abs().max(), (packed - want).abs().max()
     assert packed_err <= 1.5 * plain_err, (packed_err, plain_err)

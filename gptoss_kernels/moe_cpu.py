@@ -1,0 +1,118 @@
+"""The CPU decode step's experts in one C kernel (csrc/moe_decode_bf16.c), built on first use.
+
+Why: on CPU a decode step's MoE is bound by reading the chosen experts' weights once, which
+the torch ops cannot do in one pass: the dense path (moe.py, two oneDNN GEMMs over every
+expert plus a dozen small ops) spends ~1.6 ms a layer on the shared workload where the
+weights' bytes take ~0.5 ms, which is what vLLM's CPU build spends in its own fused C++ MoE
+kernel (benchmarks/RESULTS.md, "where vLLM's CPU step goes"). This kernel reads each chosen
+expert's bf16 weights once with AVX512-BF16 dot products, threads through OpenMP (the
+runtime torch already loaded), and keeps the dense path's arithmetic (moe_experts_dense).
+
+It is compiled with the system C compiler into a cache directory keyed by the source's hash
+(~1 s). Where there is no compiler, no AVX512-BF16, or the build fails, `kernel()` is None
+and the experts take the torch path. Nothing here runs on CUDA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "moe_decode_bf16.c"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("GPTOSS_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptoss_ray", "kernels")
+    return Path(base)
+
+
+def build() -> Path | None:
+    """The compiled library's path (built now if not cached), or None where it cannot be."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or not _cpu_has_avx512_bf16():
+        return None
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"moe_decode_bf16-{digest}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: no torn file
+            out = Path(tmp) / target.name
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(out, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.warning("CPU MoE kernel not built (%s): the experts take the torch path", e)
+        return None
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def kernel():
+    """The C function, or None (see the module's docstring)."""
+    path = build()
+    if path is None:
+        return None
+    try:
+        fn = ctypes.CDLL(str(path)).moe_decode_bf16
+    except OSError as e:
+        logger.warning("CPU MoE kernel not loaded (%s): the experts take the torch path", e)
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
+    return fn
+
+
+def takes(dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
+    """Whether plain CPU experts of this dtype and shape take the kernel: bf16, H and I
+    multiples of 32, the kernel built, and GPTOSS_KERNELS not "reference" (the torch paths)."""
+    return (dtype == torch.bfloat16 and hidden_size % 32 == 0 and intermediate_size % 32 == 0
+            and os.environ.get("GPTOSS_KERNELS", "auto") != "reference" and kernel() is not None)
+
+
+def supports(gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> bool:
+    """`takes` for these expert weights ([E, 2I, H] and [E, H, I]), on CPU."""
+    e, two_i, h = gate_up_weight.shape
+    return (gate_up_weight.device.type == "cpu" and down_weight.dtype == gate_up_weight.dtype
+            and takes(gate_up_weight.dtype, h, two_i // 2))
+
+
+def moe_decode_bf16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                    gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor, down_weight: torch.Tensor,
+                    down_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """x [T, H], topk_ids [T, K] local expert ids, topk_weights [T, K] -> [T, H] summed over K
+    (all bf16 but the ids, the weights as LocalExperts holds them: gate_up [E, 2I, H] with
+    interleaved gate/up rows, down [E, H, I]). Callers check `supports` first."""
+    t, k = topk_ids.shape
+    e, two_i, h = gate_up_weight.shape
+    x, ids = x.contiguous(), topk_ids.to(torch.int64).contiguous()
+    w = topk_weights.to(torch.bfloat16).contiguous()
+    out = torch.empty(t, h, dtype=torch.bfloat16)
+    status = kernel()(x.data_ptr(), ids.data_ptr(), w.data_ptr(), gate_up_weight.data_ptr(),
+                      gate_up_bias.data_ptr(), down_weight.data_ptr(), down_bias.data_ptr(), out.data_ptr(),
+                      t, k, h, two_i // 2, e, alpha, limit)
+    if status != 0:
+        raise RuntimeError(f"CPU MoE kernel failed (status {status}: 1 out of memory, 2 an expert id out of range)")
+    return out

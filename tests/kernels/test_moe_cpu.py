@@ -1,0 +1,82 @@
+"""gptoss_kernels.moe_cpu: the C kernel for a CPU decode step's experts computes what the
+torch paths compute: the dense path's arithmetic (moe_experts_dense, the same bf16 roundings)
+and, within bf16 error, the float32 pairs reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptoss_kernels import moe_cpu
+from gptoss_kernels.moe import ExpertWeights, moe_experts_dense, moe_experts_ref
+
+pytestmark = pytest.mark.skipif(moe_cpu.kernel() is None,
+                                reason="the CPU MoE kernel does not build here (no AVX512-BF16 or no C compiler)")
+E, H, I, K = 8, 64, 96, 4
+ALPHA, LIMIT = 1.702, 7.0
+
+
+def _experts(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    def r(*shape, scale):
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+    return dict(gate_up_weight=r(E, 2 * I, H, scale=0.2), gate_up_bias=r(E, 2 * I, scale=0.5),
+                down_weight=r(E, H, I, scale=0.2), down_bias=r(E, H, scale=0.5))
+
+
+def _route(t: int, seed: int = 1, experts: int = E):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:K] for _ in range(t)]) if t else torch.zeros(0, K)
+    weights = torch.softmax(torch.randn(t, K, generator=g), -1).to(torch.bfloat16)
+    return ids.to(torch.int64), weights
+
+
+def _dense(x, ids, weights, w):
+    """moe_experts_dense with plain (unpacked) GEMMs over the same dense weights."""
+    from gptoss_kernels.moe import dense_down_weight, dense_gate_up_weight
+
+    gate_up, bias = dense_gate_up_weight(w["gate_up_weight"], w["gate_up_bias"])
+    down = dense_down_weight(w["down_weight"], w["down_bias"])
+    return moe_experts_dense(x, ids, weights, lambda a: torch.nn.functional.linear(a, gate_up, bias),
+                             lambda a: torch.nn.functional.linear(a, down), E, ALPHA, LIMIT)
+
+
+def _float32_reference(x, ids, weights, w):
+    plain = ExpertWeights(**{k: v.float() for k, v in w.items()})
+    t = x.shape[0]
+    rows = torch.arange(t).repeat_interleave(K)
+    out = moe_experts_ref(x.float()[rows], ids.reshape(-1), weights.float().reshape(-1), plain, ALPHA, LIMIT)
+    return out.view(t, K, H).sum(1)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 16, 70])  # 70: past the kernel's on-stack accumulator (64 rows)
+def test_kernel_matches_the_dense_path_and_the_float32_reference(tokens):
+    w = _experts()
+    x = (torch.randn(tokens, H, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
+    ids, weights = _route(tokens, experts=E - 1)  # the last expert is chosen by nobody
+    got = moe_cpu.moe_decode_bf16(x, ids, weights, *w.values(), ALPHA, LIMIT)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, H)
+    dense = _dense(x, ids, weights, w)
+    # the same roundings, the float32 sums in another order: at most a bf16 ulp or so apart
+    torch.testing.assert_close(got.float(), dense.float(), atol=2e-2, rtol=1.6e-2)
+    want = _float32_reference(x, ids, weights, w)
+    assert (got.float() - want).abs().max() <= 1.5 * (dense.float() - want).abs().max() + 1e-3
+
+
+def test_kernel_takes_an_empty_step_and_refuses_an_expert_out_of_range():
+    w = _experts()
+    ids, weights = _route(0)
+    assert moe_cpu.moe_decode_bf16(torch.zeros(0, H, dtype=torch.bfloat16), ids, weights, *w.values(),
+                                   ALPHA, LIMIT).shape == (0, H)
+    ids, weights = _route(3)
+    ids[1, 2] = E  # one past the last local expert
+    with pytest.raises(RuntimeError, match="out of range"):
+        moe_cpu.moe_decode_bf16(torch.ones(3, H, dtype=torch.bfloat16), ids, weights, *w.values(), ALPHA, LIMIT)
+
+
+def test_kernel_is_taken_only_where_it_applies(monkeypatch):
+    assert moe_cpu.takes(torch.bfloat16, 2880, 2880)  # gpt-oss's sizes
+    assert not moe_cpu.takes(torch.float32, 2880, 2880)
+    assert not moe_cpu.takes(torch.bfloat16, 2880, 2890)  # not a multiple of 32
+    monkeypatch.setenv("GPTOSS_KERNELS", "reference")
+    assert not moe_cpu.takes(torch.bfloat16, 2880, 2880)
