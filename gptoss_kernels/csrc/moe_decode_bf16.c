@@ -37,14 +37,22 @@ static inline void prefetch_row(const uint16_t *row, int n) {
     for (int k = 0; k < n; k += 32) _mm_prefetch((const char *)(row + k), _MM_HINT_T0);
 }
 
-static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int k = 0; k < n; k += 32)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + k), (__m512bh)_mm512_loadu_si512(b + k));
-    return _mm512_reduce_add_ps(acc);
+/* One weight row against up to four activation rows: four independent accumulator chains
+   (one chain would wait on each dot product's latency), the weight loaded once per step. */
+static inline void dot_bf16_x4(const uint16_t *wrow, const uint16_t *const rows[4], int n, float out[4]) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 32) {
+        __m512bh w = (__m512bh)_mm512_loadu_si512(wrow + k);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(rows[0] + k), w);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(rows[1] + k), w);
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(rows[2] + k), w);
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(rows[3] + k), w);
+    }
+    out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
 }
 
-#define ROWS 32 /* gate/up row pairs per phase-1 item */
+#define ROWS 32 /* gate/up row pairs per phase-1 item, output columns per phase-2 item */
 
 int moe_decode_bf16(const uint16_t *x, const int64_t *ids, const uint16_t *w, const uint16_t *gate_up,
                     const uint16_t *gate_up_bias, const uint16_t *down, const uint16_t *down_bias, uint16_t *out,
@@ -74,16 +82,23 @@ int moe_decode_bf16(const uint16_t *x, const int64_t *ids, const uint16_t *w, co
         for (int j = j0; j < j1; j++) {
             const uint16_t *wg = W + (size_t)(2 * j) * H, *wu = wg + H;
             if (j + AHEAD < I) prefetch_row(W + (size_t)(2 * (j + AHEAD)) * H, 2 * H);
-            for (int q = start[e]; q < start[e + 1]; q++) {
-                int p = order[q];
-                const uint16_t *xt = x + (size_t)(p / K) * H;
-                /* rounded to bf16 as the GEMM's bf16 output is, then the activation in float32 */
-                float g = bf16_to_f32(f32_to_bf16(dot_bf16(xt, wg, H) + bf16_to_f32(B[2 * j])));
-                float u = bf16_to_f32(f32_to_bf16(dot_bf16(xt, wu, H) + bf16_to_f32(B[2 * j + 1])));
-                g = fminf(g, limit) * alpha;
-                u = fminf(fmaxf(u, -limit), limit) + 1.0f;
-                float silu = g / (1.0f + expf(-g));
-                act[(size_t)p * I + j] = f32_to_bf16(u * silu * (bf16_to_f32(w[p]) / alpha));
+            for (int q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
+                int n = start[e + 1] - q0 < 4 ? start[e + 1] - q0 : 4;
+                const uint16_t *xs[4];
+                for (int r = 0; r < 4; r++) xs[r] = x + (size_t)(order[q0 + (r < n ? r : 0)] / K) * H;
+                float gs[4], us[4];
+                dot_bf16_x4(wg, xs, H, gs);
+                dot_bf16_x4(wu, xs, H, us);
+                for (int r = 0; r < n; r++) {
+                    int p = order[q0 + r];
+                    /* rounded to bf16 as the GEMM's bf16 output is, then the activation in float32 */
+                    float g = bf16_to_f32(f32_to_bf16(gs[r] + bf16_to_f32(B[2 * j])));
+                    float u = bf16_to_f32(f32_to_bf16(us[r] + bf16_to_f32(B[2 * j + 1])));
+                    g = fminf(g, limit) * alpha;
+                    u = fminf(fmaxf(u, -limit), limit) + 1.0f;
+                    float silu = g / (1.0f + expf(-g));
+                    act[(size_t)p * I + j] = f32_to_bf16(u * silu * (bf16_to_f32(w[p]) / alpha));
+                }
             }
         }
     }
@@ -103,9 +118,16 @@ int moe_decode_bf16(const uint16_t *x, const int64_t *ids, const uint16_t *w, co
                 const uint16_t *row = down + ((size_t)e * H + h) * I;
                 if (h + AHEAD < h1) prefetch_row(row + (size_t)AHEAD * I, I);
                 float bias = bf16_to_f32(down_bias[(size_t)e * H + h]);
-                for (int q = start[e]; q < start[e + 1]; q++) {
-                    int p = order[q];
-                    a[(p / K) * ROWS + (h - h0)] += dot_bf16(act + (size_t)p * I, row, I) + bf16_to_f32(w[p]) * bias;
+                for (int q0 = start[e]; q0 < start[e + 1]; q0 += 4) {
+                    int n = start[e + 1] - q0 < 4 ? start[e + 1] - q0 : 4;
+                    const uint16_t *as[4];
+                    for (int r = 0; r < 4; r++) as[r] = act + (size_t)order[q0 + (r < n ? r : 0)] * I;
+                    float d[4];
+                    dot_bf16_x4(row, as, I, d);
+                    for (int r = 0; r < n; r++) {
+                        int p = order[q0 + r];
+                        a[(p / K) * ROWS + (h - h0)] += d[r] + bf16_to_f32(w[p]) * bias;
+                    }
                 }
             }
         }
