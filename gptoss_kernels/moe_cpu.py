@@ -1,11 +1,12 @@
-"""The CPU decode step's experts in one C kernel (csrc/moe_decode_bf16.c), built on first use.
+"""The CPU decode step's experts in one C kernel (csrc/moe_decode.c), built on first use.
 
 Why: on CPU a decode step's MoE is bound by reading the chosen experts' weights once, which
 the torch ops cannot do in one pass: the dense path (moe.py, two oneDNN GEMMs over every
 expert plus a dozen small ops) spends ~1.6 ms a layer on the shared workload where the
 weights' bytes take ~0.5 ms, which is what vLLM's CPU build spends in its own fused C++ MoE
 kernel (benchmarks/RESULTS.md, "where vLLM's CPU step goes"). This kernel reads each chosen
-expert's bf16 weights once with AVX512-BF16 dot products, threads through OpenMP (the
+expert's bf16 weights once with AVX512-BF16 dot products (float32 ones with AVX-512 FMAs, where the
+grouped pairs path loops over the experts a matmul call each), threads through OpenMP (the
 runtime torch already loaded), and keeps the dense path's arithmetic (moe_experts_dense).
 
 It is compiled with the system C compiler into a cache directory keyed by the source's hash
@@ -29,7 +30,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "moe_decode_bf16.c"
+SOURCE = Path(__file__).with_name("csrc") / "moe_decode.c"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -53,7 +54,7 @@ def build() -> Path | None:
         return None
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"moe_decode_bf16-{digest}.so"
+    target = _cache_dir() / f"moe_decode-{digest}.so"
     if target.exists():
         return target
     try:
@@ -76,19 +77,19 @@ def kernel():
     if path is None:
         return None
     try:
-        fn = ctypes.CDLL(str(path)).moe_decode_bf16
+        fn = ctypes.CDLL(str(path)).moe_decode
     except OSError as e:
         logger.warning("CPU MoE kernel not loaded (%s): the experts take the torch path", e)
         return None
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5 + [ctypes.c_float] * 2 + [ctypes.c_int]
     return fn
 
 
 def takes(dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
-    """Whether plain CPU experts of this dtype and shape take the kernel: bf16, H and I
-    multiples of 32, the kernel built, and GPTOSS_KERNELS not "reference" (the torch paths)."""
-    return (dtype == torch.bfloat16 and hidden_size % 32 == 0 and intermediate_size % 32 == 0
+    """Whether plain CPU experts of this dtype and shape take the kernel: bf16 or float32, H
+    and I multiples of 32, the kernel built, and GPTOSS_KERNELS not "reference" (the torch paths)."""
+    return (dtype in (torch.bfloat16, torch.float32) and hidden_size % 32 == 0 and intermediate_size % 32 == 0
             and os.environ.get("GPTOSS_KERNELS", "auto") != "reference" and kernel() is not None)
 
 
@@ -99,20 +100,21 @@ def supports(gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> bool:
             and takes(gate_up_weight.dtype, h, two_i // 2))
 
 
-def moe_decode_bf16(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                    gate_up_weight: torch.Tensor, gate_up_bias: torch.Tensor, down_weight: torch.Tensor,
-                    down_bias: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """x [T, H], topk_ids [T, K] local expert ids, topk_weights [T, K] -> [T, H] summed over K
-    (all bf16 but the ids, the weights as LocalExperts holds them: gate_up [E, 2I, H] with
-    interleaved gate/up rows, down [E, H, I]). Callers check `supports` first."""
+def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up_weight: torch.Tensor,
+               gate_up_bias: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor, alpha: float,
+               limit: float) -> torch.Tensor:
+    """x [T, H], topk_ids [T, K] local expert ids, topk_weights [T, K] -> [T, H] summed over K,
+    everything but the ids in the weights' dtype (bf16 or float32), the weights as
+    LocalExperts holds them: gate_up [E, 2I, H] with interleaved gate/up rows, down [E, H, I],
+    contiguous. Callers check `supports` first."""
     t, k = topk_ids.shape
     e, two_i, h = gate_up_weight.shape
-    x, ids = x.contiguous(), topk_ids.to(torch.int64).contiguous()
-    w = topk_weights.to(torch.bfloat16).contiguous()
-    out = torch.empty(t, h, dtype=torch.bfloat16)
-    status = kernel()(x.data_ptr(), ids.data_ptr(), w.data_ptr(), gate_up_weight.data_ptr(),
-                      gate_up_bias.data_ptr(), down_weight.data_ptr(), down_bias.data_ptr(), out.data_ptr(),
-                      t, k, h, two_i // 2, e, alpha, limit)
+    dtype = gate_up_weight.dtype
+    x, ids, w = x.to(dtype).contiguous(), topk_ids.to(torch.int64).contiguous(), topk_weights.to(dtype).contiguous()
+    out = torch.empty(t, h, dtype=dtype)
+    status = kernel()(x.data_ptr(), ids.data_ptr(), w.data_ptr(), gate_up_weight.data_ptr(), gate_up_bias.data_ptr(),
+                      down_weight.data_ptr(), down_bias.data_ptr(), out.data_ptr(), t, k, h, two_i // 2, e, alpha,
+                      limit, int(dtype == torch.bfloat16))
     if status != 0:
         raise RuntimeError(f"CPU MoE kernel failed (status {status}: 1 out of memory, 2 an expert id out of range)")
     return out

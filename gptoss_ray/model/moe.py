@@ -71,19 +71,22 @@ class LocalExperts(nn.Module):
             self.register_buffer(f"{proj}_weight", dense)
 
     def pack_for_cpu(self) -> bool:
-        """Ready the plain bf16 experts of a CPU for decode steps. Where the C kernel builds
-        (gptoss_kernels.moe_cpu: AVX512-BF16 and a C compiler), decode steps take it, reading
-        the weights as they are. Otherwise, where oneDNN packs bf16 weights, keep each
+        """Ready the plain experts of a CPU for decode steps. Where the C kernel builds
+        (gptoss_kernels.moe_cpu: AVX512-BF16 and a C compiler), bf16 and float32 experts take
+        it on decode steps, reading the weights as they are. Otherwise, where oneDNN packs bf16 weights, keep each
         projection also as one packed GEMM weight (+ its share of memory) for the dense path:
         gate_up as [E*2I, H] with its bias, each expert's gate rows before its up rows, and
         down as [H, E*I + E], every expert's down matrix side by side and then its bias as one
         more column each, so that one GEMM computes the K-way combine too (moe_experts_dense).
-        float32 experts stay on the grouped pairs path (densely they measured slower, 429 vs
-        384 ms per run of the 16 x 32 float32 workload). Returns whether either was set up."""
+        Without the kernel, float32 experts stay on the grouped pairs path (densely they
+        measured slower, 429 vs 384 ms per run of the 16 x 32 float32 workload). Returns
+        whether either was set up."""
         w = getattr(self, "gate_up_weight", None)
         if w is None:
             return False
         if moe_cpu.supports(w, self.down_weight):
+            # the kernel takes every tensor in the weights' dtype (biases stay the model's)
+            self._kernel_biases = (self.gate_up_bias.to(w.dtype).contiguous(), self.down_bias.to(w.dtype).contiguous())
             self._fused = True
             return True
         if w.dtype != torch.bfloat16 or not onednn.can_pack(w) or not onednn.can_pack(self.down_weight):
@@ -108,10 +111,11 @@ class LocalExperts(nn.Module):
 
     def forward_dense(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids [T, K] global ids (all local), topk_weights [T, K] -> [T, H], summed over K."""
-        if self._fused:
-            return moe_cpu.moe_decode_bf16(x, topk_ids - self.start, topk_weights, self.gate_up_weight,
-                                           self.gate_up_bias, self.down_weight, self.down_bias, self.alpha,
-                                           self.limit)
+        if self._fused:  # in the experts' dtype (float32 ones under a bf16 model: compute_dtype)
+            gate_up_bias, down_bias = self._kernel_biases
+            out = moe_cpu.moe_decode(x, topk_ids - self.start, topk_weights, self.gate_up_weight, gate_up_bias,
+                                     self.down_weight, down_bias, self.alpha, self.limit)
+            return out.to(x.dtype)
 
         def gate_up(a):
             return onednn.packed_linear(a, self._gate_up_packed, self._gate_up_bias_dense)

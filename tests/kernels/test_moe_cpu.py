@@ -1,6 +1,7 @@
 """gptoss_kernels.moe_cpu: the C kernel for a CPU decode step's experts computes what the
-torch paths compute: the dense path's arithmetic (moe_experts_dense, the same bf16 roundings)
-and, within bf16 error, the float32 pairs reference."""
+torch paths compute. In bf16: the dense path's arithmetic (moe_experts_dense, the same bf16
+roundings) and, within bf16 error, the float32 pairs reference. In float32: the pairs
+reference, up to the order of float32 sums."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def test_kernel_matches_the_dense_path_and_the_float32_reference(tokens):
     w = _experts()
     x = (torch.randn(tokens, H, generator=torch.Generator().manual_seed(2))).to(torch.bfloat16)
     ids, weights = _route(tokens, experts=E - 1)  # the last expert is chosen by nobody
-    got = moe_cpu.moe_decode_bf16(x, ids, weights, *w.values(), ALPHA, LIMIT)
+    got = moe_cpu.moe_decode(x, ids, weights, *w.values(), ALPHA, LIMIT)
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, H)
     dense = _dense(x, ids, weights, w)
     # the same roundings, the float32 sums in another order: at most a bf16 ulp or so apart
@@ -63,20 +64,31 @@ def test_kernel_matches_the_dense_path_and_the_float32_reference(tokens):
     assert (got.float() - want).abs().max() <= 1.5 * (dense.float() - want).abs().max() + 1e-3
 
 
+@pytest.mark.parametrize("tokens", [1, 16, 70])
+def test_float32_kernel_matches_the_pairs_reference(tokens):
+    w = {k: v.float() for k, v in _experts().items()}
+    x = torch.randn(tokens, H, generator=torch.Generator().manual_seed(2))
+    ids, weights = _route(tokens, experts=E - 1)
+    got = moe_cpu.moe_decode(x, ids, weights.float(), *w.values(), ALPHA, LIMIT)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _float32_reference(x, ids, weights, w), atol=2e-5, rtol=2e-5)
+
+
 def test_kernel_takes_an_empty_step_and_refuses_an_expert_out_of_range():
     w = _experts()
     ids, weights = _route(0)
-    assert moe_cpu.moe_decode_bf16(torch.zeros(0, H, dtype=torch.bfloat16), ids, weights, *w.values(),
+    assert moe_cpu.moe_decode(torch.zeros(0, H, dtype=torch.bfloat16), ids, weights, *w.values(),
                                    ALPHA, LIMIT).shape == (0, H)
     ids, weights = _route(3)
     ids[1, 2] = E  # one past the last local expert
     with pytest.raises(RuntimeError, match="out of range"):
-        moe_cpu.moe_decode_bf16(torch.ones(3, H, dtype=torch.bfloat16), ids, weights, *w.values(), ALPHA, LIMIT)
+        moe_cpu.moe_decode(torch.ones(3, H, dtype=torch.bfloat16), ids, weights, *w.values(), ALPHA, LIMIT)
 
 
 def test_kernel_is_taken_only_where_it_applies(monkeypatch):
     assert moe_cpu.takes(torch.bfloat16, 2880, 2880)  # gpt-oss's sizes
-    assert not moe_cpu.takes(torch.float32, 2880, 2880)
+    assert moe_cpu.takes(torch.float32, 2880, 2880)
+    assert not moe_cpu.takes(torch.float16, 2880, 2880)
     assert not moe_cpu.takes(torch.bfloat16, 2880, 2890)  # not a multiple of 32
     monkeypatch.setenv("GPTOSS_KERNELS", "reference")
     assert not moe_cpu.takes(torch.bfloat16, 2880, 2880)

@@ -60,15 +60,22 @@ def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt, exper
     assert torch.equal(packed.argmax(-1), want.argmax(-1))
 
 
-def test_packed_float32_model_computes_the_same_step(tiny_ckpt, monkeypatch):
+@pytest.mark.parametrize("experts", ["c_kernel", "grouped_pairs"])
+def test_packed_float32_model_computes_the_same_step(tiny_ckpt, monkeypatch, experts):
     """Large float32 linear weights are packed too (the unembedding); this tiny model's are
-    small, so the size floor is lowered to pack them all. Float32 experts stay on the pairs
-    path. The packed step equals the plain float32 one (the same sums, in another order)."""
+    small, so the size floor is lowered to pack them all. Float32 experts take the C kernel
+    on decode steps where it builds, else the grouped pairs path. The packed step equals the
+    plain float32 one (the same sums, in another order)."""
+    if experts == "c_kernel" and moe_cpu.kernel() is None:
+        pytest.skip("the CPU MoE kernel does not build here (no AVX512-BF16 or no C compiler)")
+    if experts == "grouped_pairs":
+        monkeypatch.setattr(moe_cpu, "takes", lambda *a: False)
     exact = load_model(tiny_ckpt, dtype=torch.float32)
     exact.dequantize_experts()
     batch = 8
     want = _decode_logits(exact, batch)
     monkeypatch.setattr(onednn, "FLOAT32_MIN_ELEMENTS", 0)
-    assert exact.pack_for_cpu() == ["lm_head", "attention", "router"]
-    assert exact.lm_head.packed is not None and not exact.moe_layers()[0].experts.use_dense(batch, 4)
+    kernel = experts == "c_kernel"
+    assert exact.pack_for_cpu() == ["lm_head", "attention", "router"] + ["experts"] * kernel
+    assert exact.lm_head.packed is not None and exact.moe_layers()[0].experts.use_dense(batch, 4) == kernel
     torch.testing.assert_close(_decode_logits(exact, batch), want, atol=2e-5, rtol=2e-5)
