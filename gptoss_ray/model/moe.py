@@ -71,13 +71,14 @@ class LocalExperts(nn.Module):
             self.register_buffer(f"{proj}_weight", dense)
 
     def pack_for_cpu(self) -> bool:
-        """Ready the plain experts of a CPU for decode steps. Where the C kernel builds
-        (gptoss_kernels.moe_cpu: AVX512-BF16 and a C compiler), bf16 and float32 experts take
-        it on decode steps, reading the weights as they are. Otherwise, where oneDNN packs bf16 weights, keep each
-        projection also as one packed GEMM weight (+ its share of memory) for the dense path:
-        gate_up as [E*2I, H] with its bias, each expert's gate rows before its up rows, and
-        down as [H, E*I + E], every expert's down matrix side by side and then its bias as one
-        more column each, so that one GEMM computes the K-way combine too (moe_experts_dense).
+        """Ready the plain experts of a CPU for decode steps (forward_decode). Where the C
+        kernel builds (gptoss_kernels.moe_cpu: AVX512-BF16 and a C compiler), bf16 and float32
+        experts take it, reading the weights as they are. Otherwise, where oneDNN packs bf16
+        weights, keep each projection also as one packed GEMM weight (+ its share of memory)
+        for the dense path: gate_up as [E*2I, H] with its bias, each expert's gate rows before
+        its up rows, and down as [H, E*I + E], every expert's down matrix side by side and then
+        its bias as one more column each, so that one GEMM computes the K-way combine too
+        (moe_experts_dense).
         Without the kernel, float32 experts stay on the grouped pairs path (densely they
         measured slower, 429 vs 384 ms per run of the 16 x 32 float32 workload). Returns
         whether either was set up."""
@@ -98,19 +99,21 @@ class LocalExperts(nn.Module):
 
     _fused = False  # decode steps take gptoss_kernels.moe_cpu (pack_for_cpu)
 
-    def use_dense(self, num_tokens: int, top_k: int) -> bool:
-        """Whether forward_dense takes this step. The C kernel reads only the chosen experts,
-        once each: it pays for any decode-sized step (up to 4 pairs per expert); beyond, the
-        grouped matmuls' larger tiles win. The dense GEMMs pay where pairs cover most experts
-        a few rows each (E..4E pairs: decode batches); below, they would read experts nobody
-        chose; above, their E/K extra flops show (measured: benchmarks/RESULTS.md, 'CPU decode step')."""
+    def use_decode_path(self, num_tokens: int, top_k: int) -> bool:
+        """Whether forward_decode (the C kernel or the dense GEMMs) takes this step. The C
+        kernel reads only the chosen experts, once each: it pays for any decode-sized step (up
+        to 4 pairs per expert); beyond, the grouped matmuls' larger tiles win (at 512 tokens it
+        measured no faster). The dense GEMMs pay where pairs cover most experts a few rows
+        each (E..4E pairs: decode batches); below, they would read experts nobody chose;
+        above, their E/K extra flops show (benchmarks/RESULTS.md, 'CPU decode step')."""
         e, pairs = self.end - self.start, num_tokens * top_k
         if self._fused:
             return pairs <= 4 * e
         return hasattr(self, "_gate_up_packed") and e <= pairs <= 4 * e
 
-    def forward_dense(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], topk_ids [T, K] global ids (all local), topk_weights [T, K] -> [T, H], summed over K."""
+    def forward_decode(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], topk_ids [T, K] global ids (all local), topk_weights [T, K] -> [T, H], summed
+        over K: through the C kernel where pack_for_cpu set it up, else the dense packed GEMMs."""
         if self._fused:  # in the experts' dtype (float32 ones under a bf16 model: compute_dtype)
             gate_up_bias, down_bias = self._kernel_biases
             out = moe_cpu.moe_decode(x, topk_ids - self.start, topk_weights, self.gate_up_weight, gate_up_bias,
@@ -140,8 +143,8 @@ class Dispatcher(Protocol):
 def local_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: LocalExperts) -> torch.Tensor:
     """All experts are here: compute the T*K pairs and sum each token's K outputs."""
     t, k = topk_ids.shape
-    if experts.use_dense(t, k):
-        return experts.forward_dense(x, topk_ids, topk_weights)
+    if experts.use_decode_path(t, k):
+        return experts.forward_decode(x, topk_ids, topk_weights)
     rows = torch.arange(t, device=x.device).repeat_interleave(k)  # [N]: the token of each pair
     out = experts.forward_pairs(x[rows], topk_ids.reshape(-1), topk_weights.reshape(-1))  # [N, H]
     return out.view(t, k, x.shape[-1]).sum(dim=1)

@@ -52,7 +52,7 @@ def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt, exper
     want = _decode_logits(exact, batch)
     plain = _decode_logits(model, batch)
     assert model.pack_for_cpu() == ["lm_head", "attention", "router", "experts"]
-    assert all(moe.experts.use_dense(batch, moe.top_k) for moe in model.moe_layers())
+    assert all(moe.experts.use_decode_path(batch, moe.top_k) for moe in model.moe_layers())
     assert all(moe.experts._fused == (experts == "c_kernel") for moe in model.moe_layers())
     packed = _decode_logits(model, batch)
     plain_err, packed_err = (plain - want).abs().max(), (packed - want).abs().max()
@@ -77,5 +77,5 @@ def test_packed_float32_model_computes_the_same_step(tiny_ckpt, monkeypatch, exp
     monkeypatch.setattr(onednn, "FLOAT32_MIN_ELEMENTS", 0)
     kernel = experts == "c_kernel"
     assert exact.pack_for_cpu() == ["lm_head", "attention", "router"] + ["experts"] * kernel
-    assert exact.lm_head.packed is not None and exact.moe_layers()[0].experts.use_dense(batch, 4) == kernel
+    assert exact.lm_head.packed is not None and exact.moe_layers()[0].experts.use_decode_path(batch, 4) == kernel
     torch.testing.assert_close(_decode_logits(exact, batch), want, atol=2e-5, rtol=2e-5)
