@@ -1,5 +1,6 @@
 """The entry points the model calls. Each picks the fused Triton kernel on CUDA tensors and
-the torch reference elsewhere (for CPU decode steps, attention_cpu's fused path);
+the torch reference elsewhere (for CPU decode steps' attention, cpu_kernels' C kernel, or
+attention_cpu's fused torch path where that cannot build);
 GPTOSS_KERNELS=reference forces the reference, and GPTOSS_KERNELS=triton forces Triton (on
 CPU that needs TRITON_INTERPRET=1)."""
 
@@ -9,6 +10,7 @@ import os
 
 import torch
 
+from gptoss_kernels import cpu_kernels
 from gptoss_kernels.attention import paged_attention_ref, store_kv
 from gptoss_kernels.attention_cpu import paged_decode_cpu
 from gptoss_kernels.moe import ExpertWeights, moe_experts_ref
@@ -55,6 +57,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_len
             schedules=schedules,
         )
     if q.shape[0] == block_tables.shape[0] and _choice() == "auto" and not q.is_cuda:  # T == B: a decode step
+        if cpu_kernels.attention_takes(q, k_cache):  # one C call, read from the paged cache in place
+            return cpu_kernels.paged_decode(q, k_cache, v_cache, block_tables, context_lens, sinks, sm_scale, window)
         return paged_decode_cpu(q, k_cache, v_cache, block_tables, context_lens, sinks, sm_scale, window,
                                 memo=schedules)
     return paged_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, sinks, sm_scale, window)

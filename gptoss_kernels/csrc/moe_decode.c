@@ -10,7 +10,7 @@
  * to bf16, the clamped SwiGLU in float32, the weighted activation rounded to bf16. float32
  * rounds nowhere but in its float32 sums. Phase 1 (gate_up and the activation) splits
  * (expert, row block) items over the threads, phase 2 (down and the K-way sum) blocks of
- * output columns. H and I must be multiples of 32. gptoss_kernels/moe_cpu.py builds and
+ * output columns. H and I must be multiples of 32. gptoss_kernels/cpu_kernels.py builds and
  * calls it. */
 #include <immintrin.h>
 #include <math.h>

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gptoss_kernels.mxfp4 import dequantize_mxfp4
-from gptoss_kernels import moe_cpu, onednn
+from gptoss_kernels import cpu_kernels, onednn
 from gptoss_kernels.moe import dense_down_weight, dense_gate_up_weight, moe_experts_dense
 from gptoss_kernels.ops import ExpertWeights, moe_experts, use_triton
 from gptoss_kernels.routing import topk_softmax
@@ -72,7 +72,7 @@ class LocalExperts(nn.Module):
 
     def pack_for_cpu(self) -> bool:
         """Ready the plain experts of a CPU for decode steps (forward_decode). Where the C
-        kernel builds (gptoss_kernels.moe_cpu: AVX512-BF16 and a C compiler), bf16 and float32
+        kernel builds (gptoss_kernels.cpu_kernels: AVX512-BF16 and a C compiler), bf16 and float32
         experts take it, reading the weights as they are. Otherwise, where oneDNN packs bf16
         weights, keep each projection also as one packed GEMM weight (+ its share of memory)
         for the dense path: gate_up as [E*2I, H] with its bias, each expert's gate rows before
@@ -85,7 +85,7 @@ class LocalExperts(nn.Module):
         w = getattr(self, "gate_up_weight", None)
         if w is None:
             return False
-        if moe_cpu.supports(w, self.down_weight):
+        if cpu_kernels.supports(w, self.down_weight):
             # the kernel takes every tensor in the weights' dtype (biases stay the model's)
             self._kernel_biases = (self.gate_up_bias.to(w.dtype).contiguous(), self.down_bias.to(w.dtype).contiguous())
             self._fused = True
@@ -97,7 +97,7 @@ class LocalExperts(nn.Module):
         self._down_packed = onednn.pack_weight(dense_down_weight(self.down_weight, self.down_bias))  # [H, E*I + E]
         return True
 
-    _fused = False  # decode steps take gptoss_kernels.moe_cpu (pack_for_cpu)
+    _fused = False  # decode steps take gptoss_kernels.cpu_kernels (pack_for_cpu)
 
     def use_decode_path(self, num_tokens: int, top_k: int) -> bool:
         """Whether forward_decode (the C kernel or the dense GEMMs) takes this step. The C
@@ -116,7 +116,7 @@ class LocalExperts(nn.Module):
         over K: through the C kernel where pack_for_cpu set it up, else the dense packed GEMMs."""
         if self._fused:  # in the experts' dtype (float32 ones under a bf16 model: compute_dtype)
             gate_up_bias, down_bias = self._kernel_biases
-            out = moe_cpu.moe_decode(x, topk_ids - self.start, topk_weights, self.gate_up_weight, gate_up_bias,
+            out = cpu_kernels.moe_decode(x, topk_ids - self.start, topk_weights, self.gate_up_weight, gate_up_bias,
                                      self.down_weight, down_bias, self.alpha, self.limit)
             return out.to(x.dtype)
 

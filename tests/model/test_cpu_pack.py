@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_kernels import moe_cpu, onednn
+from gptoss_kernels import cpu_kernels, onednn
 from gptoss_ray.model.attention import allocate_kv_cache, contiguous_metadata
 from gptoss_ray.model.loader import load_model
 
@@ -40,11 +40,11 @@ def _decode_logits(model, batch: int) -> torch.Tensor:
 def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt, experts, monkeypatch):
     """bf16 rounds in another order on the packed path, so it is held to the float32 model:
     no further from it than the plain bf16 model is, and the same greedy tokens. The decode
-    experts take the C kernel (gptoss_kernels.moe_cpu) where it builds, else the dense GEMMs."""
-    if experts == "c_kernel" and moe_cpu.kernel() is None:
+    experts take the C kernel (gptoss_kernels.cpu_kernels) where it builds, else the dense GEMMs."""
+    if experts == "c_kernel" and cpu_kernels.library() is None:
         pytest.skip("the CPU MoE kernel does not build here (no AVX512-BF16 or no C compiler)")
     if experts == "dense_gemms":
-        monkeypatch.setattr(moe_cpu, "takes", lambda *a: False)
+        monkeypatch.setattr(cpu_kernels, "takes", lambda *a: False)
     exact = load_model(tiny_ckpt, dtype=torch.float32)
     exact.dequantize_experts()
     model = _bf16_plain_experts(tiny_ckpt)
@@ -66,10 +66,10 @@ def test_packed_float32_model_computes_the_same_step(tiny_ckpt, monkeypatch, exp
     small, so the size floor is lowered to pack them all. Float32 experts take the C kernel
     on decode steps where it builds, else the grouped pairs path. The packed step equals the
     plain float32 one (the same sums, in another order)."""
-    if experts == "c_kernel" and moe_cpu.kernel() is None:
+    if experts == "c_kernel" and cpu_kernels.library() is None:
         pytest.skip("the CPU MoE kernel does not build here (no AVX512-BF16 or no C compiler)")
     if experts == "grouped_pairs":
-        monkeypatch.setattr(moe_cpu, "takes", lambda *a: False)
+        monkeypatch.setattr(cpu_kernels, "takes", lambda *a: False)
     exact = load_model(tiny_ckpt, dtype=torch.float32)
     exact.dequantize_experts()
     batch = 8
