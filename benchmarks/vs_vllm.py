@@ -80,7 +80,7 @@ def run_engine(engine: str, args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("GLIBC_TUNABLES", None)
     if args.huge_pages == "all" or (args.huge_pages == "ours" and engine == "ours"):
-        from gptoss_ray.engine.host_memory import worker_env
+        from gptoss_ray.config import worker_env
 
         env |= worker_env("cpu", {})
     if engine == "vllm":

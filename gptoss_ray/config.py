@@ -14,6 +14,7 @@ Key spellings found in the wild, all accepted:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -352,6 +353,23 @@ class EngineConfig(BaseModel):
             raise ValueError("set kv_cache_memory_gb (an explicit KV budget) or gpu_memory_utilization (a share of "
                              "device memory), not both")
         return self
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def worker_env(device: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables for a process that will run a worker on `device`: on CPU,
+    GLIBC_TUNABLES with the huge-page tunable added to whatever the environment already sets
+    (why: engine/host_memory.py). Here, not there, because the serve layer starts such
+    processes too (the replica of an ep_size 1 engine) and does not import the engine."""
+    if device != "cpu":
+        return {}
+    current = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
+    if HUGE_PAGES_TUNABLE.split("=")[0] in current:  # the operator chose a value: keep it
+        return {"GLIBC_TUNABLES": current}
+    return {"GLIBC_TUNABLES": f"{current}:{HUGE_PAGES_TUNABLE}" if current else HUGE_PAGES_TUNABLE}
+
 
 
 def check_max_model_len(config: EngineConfig, model: ModelConfig) -> None:

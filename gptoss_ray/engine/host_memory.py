@@ -10,7 +10,8 @@ shared CPU workload, ~4 with this. vLLM's CPU guide gets the same by preloading 
 mallopt needs no extra library. The cost is resident memory: freed blocks stay with the
 process for its next step instead of going back to the OS.
 
-**Its memory on 2 MiB pages** (`worker_env`, in the environment the process starts with).
+**Its memory on 2 MiB pages** (`config.worker_env`, in the environment the process starts
+with: the serve layer sets it too, and may not import the engine).
 A CPU decode step streams every weight from DRAM (the 201k-row unembedding alone is 103 MB
 in bf16), and its ~200 small ops then run on caches and TLB that stream flushed. Where
 transparent huge pages are in `madvise` mode (the common default: the kernel gives them only
@@ -32,6 +33,8 @@ import ctypes.util
 import logging
 import os
 
+from gptoss_ray.config import HUGE_PAGES_TUNABLE
+
 logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers
@@ -52,20 +55,6 @@ def keep_large_allocations() -> bool:
     return ok
 
 
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def worker_env(device: str, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment variables for a process that will run a worker on `device`: on CPU,
-    GLIBC_TUNABLES with the huge-page tunable added to whatever the environment already sets."""
-    if device != "cpu":
-        return {}
-    current = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
-    if HUGE_PAGES_TUNABLE.split("=")[0] in current:  # the operator chose a value: keep it
-        return {"GLIBC_TUNABLES": current}
-    return {"GLIBC_TUNABLES": f"{current}:{HUGE_PAGES_TUNABLE}" if current else HUGE_PAGES_TUNABLE}
-
-
 def huge_pages_requested() -> bool:
-    """Whether this process started with the huge-page tunable (worker_env)."""
+    """Whether this process started with the huge-page tunable (config.worker_env)."""
     return HUGE_PAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")

@@ -22,9 +22,8 @@ from pathlib import Path
 
 import ray
 
-from gptoss_ray.config import EngineConfig, ModelConfig
+from gptoss_ray.config import EngineConfig, ModelConfig, worker_env
 from gptoss_ray.engine.executor import Executor
-from gptoss_ray.engine.host_memory import worker_env
 from gptoss_ray.engine.plan import StepPlan, StepResult
 from gptoss_ray.engine.worker import Worker, WorkerConfig
 from gptoss_ray.engine_api import ExpertParallelStats

@@ -18,7 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from gptoss_ray.engine.host_memory import worker_env
+from gptoss_ray.config import worker_env
 from gptoss_ray.serve.config import ServeConfig, serve_logging
 from gptoss_ray.serve.ingress import OpenAIIngress
 from gptoss_ray.serve.llm_server import LLMServerReplica

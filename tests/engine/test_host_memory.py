@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gptoss_ray.engine.host_memory import HUGE_PAGES_TUNABLE, worker_env
+from gptoss_ray.config import HUGE_PAGES_TUNABLE, worker_env
 
 
 def test_cpu_workers_ask_for_huge_pages_and_keep_the_operators_tunables():

@@ -11,7 +11,7 @@ from support.net import is_loopback, listening
 from support.parallel_helpers import generate, make_engine
 
 from gptoss_ray.config import PRESETS
-from gptoss_ray.engine.host_memory import worker_env
+from gptoss_ray.config import worker_env
 from gptoss_ray.model.loader import load_model
 from gptoss_ray.parallel.placement import ExpertPlacement
 from gptoss_ray.parallel.rank import weight_bytes

@@ -96,7 +96,7 @@ def test_served_model_name_and_yaml_args(args, name):
 
 
 def test_replica_resources_follow_ep_size():
-    from gptoss_ray.engine.host_memory import worker_env
+    from gptoss_ray.config import worker_env
     from gptoss_ray.serve.app import server_resources
 
     one = server_resources(ServeConfig.from_args({"device": "cuda"}))
