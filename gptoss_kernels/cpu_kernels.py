@@ -100,7 +100,7 @@ def library():
     return _load()
 
 
-def takes(dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
+def moe_takes(dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
     """Whether plain CPU experts of this dtype and shape take the kernel: bf16 or float32, H
     and I multiples of 32, the kernel built, and GPTOSS_KERNELS not "reference" (the torch paths)."""
     return (dtype in (torch.bfloat16, torch.float32) and hidden_size % 32 == 0 and intermediate_size % 32 == 0
@@ -108,10 +108,10 @@ def takes(dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
 
 
 def supports(gate_up_weight: torch.Tensor, down_weight: torch.Tensor) -> bool:
-    """`takes` for these expert weights ([E, 2I, H] and [E, H, I]), on CPU."""
+    """`moe_takes` for these expert weights ([E, 2I, H] and [E, H, I]), on CPU."""
     e, two_i, h = gate_up_weight.shape
     return (gate_up_weight.device.type == "cpu" and down_weight.dtype == gate_up_weight.dtype
-            and takes(gate_up_weight.dtype, h, two_i // 2))
+            and moe_takes(gate_up_weight.dtype, h, two_i // 2))
 
 
 def moe_decode(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up_weight: torch.Tensor,

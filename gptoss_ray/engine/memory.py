@@ -121,7 +121,7 @@ def packed_copy_bytes(model: ModelConfig, config: EngineConfig, device: str, dty
     copies = [model.vocab_size * h] + per_layer * model.num_hidden_layers
     total = sum(n for n in copies if onednn.packs(t, n))
     if (not model.is_mxfp4 and t == torch.bfloat16 and onednn.packs(t, e * 2 * i * h)
-            and not cpu_kernels.takes(t, h, i)):  # the C kernel reads the experts as they are
+            and not cpu_kernels.moe_takes(t, h, i)):  # the C kernel reads the experts as they are
         experts = (e * 2 * i * h + h * (e * i + e)) * model.num_hidden_layers  # dense gate_up and down
         total += experts // config.ep_size
     return total * width

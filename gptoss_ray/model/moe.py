@@ -114,10 +114,12 @@ class LocalExperts(nn.Module):
     def forward_decode(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], topk_ids [T, K] global ids (all local), topk_weights [T, K] -> [T, H], summed
         over K: through the C kernel where pack_for_cpu set it up, else the dense packed GEMMs."""
+        # local ids; local_dispatch calls this with every expert here (start 0): no op then
+        ids = topk_ids if self.start == 0 else topk_ids - self.start
         if self._fused:  # in the experts' dtype (float32 ones under a bf16 model: compute_dtype)
             gate_up_bias, down_bias = self._kernel_biases
-            out = cpu_kernels.moe_decode(x, topk_ids - self.start, topk_weights, self.gate_up_weight, gate_up_bias,
-                                     self.down_weight, down_bias, self.alpha, self.limit)
+            out = cpu_kernels.moe_decode(x, ids, topk_weights, self.gate_up_weight, gate_up_bias,
+                                         self.down_weight, down_bias, self.alpha, self.limit)
             return out.to(x.dtype)
 
         def gate_up(a):
@@ -126,7 +128,7 @@ class LocalExperts(nn.Module):
         def down(a):
             return onednn.packed_linear(a, self._down_packed)
 
-        return moe_experts_dense(x, topk_ids - self.start, topk_weights, gate_up, down, self.end - self.start,
+        return moe_experts_dense(x, ids, topk_weights, gate_up, down, self.end - self.start,
                                  self.alpha, self.limit)
 
     def forward_pairs(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

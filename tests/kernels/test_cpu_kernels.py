@@ -91,12 +91,12 @@ def test_kernel_takes_an_empty_step_and_refuses_an_expert_out_of_range():
 
 
 def test_kernel_is_taken_only_where_it_applies(monkeypatch):
-    assert cpu_kernels.takes(torch.bfloat16, 2880, 2880)  # gpt-oss's sizes
-    assert cpu_kernels.takes(torch.float32, 2880, 2880)
-    assert not cpu_kernels.takes(torch.float16, 2880, 2880)
-    assert not cpu_kernels.takes(torch.bfloat16, 2880, 2890)  # not a multiple of 32
+    assert cpu_kernels.moe_takes(torch.bfloat16, 2880, 2880)  # gpt-oss's sizes
+    assert cpu_kernels.moe_takes(torch.float32, 2880, 2880)
+    assert not cpu_kernels.moe_takes(torch.float16, 2880, 2880)
+    assert not cpu_kernels.moe_takes(torch.bfloat16, 2880, 2890)  # not a multiple of 32
     monkeypatch.setenv("GPTOSS_KERNELS", "reference")
-    assert not cpu_kernels.takes(torch.bfloat16, 2880, 2880)
+    assert not cpu_kernels.moe_takes(torch.bfloat16, 2880, 2880)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -36,15 +36,21 @@ def _decode_logits(model, batch: int) -> torch.Tensor:
     return model.compute_logits(hidden)
 
 
+def _choose_experts_path(experts: str, monkeypatch) -> None:
+    """"c_kernel": the decode experts take gptoss_kernels.cpu_kernels (skipped where it does not
+    build); anything else: the torch path the kernel would replace."""
+    if experts != "c_kernel":
+        monkeypatch.setattr(cpu_kernels, "moe_takes", lambda *a: False)
+    elif cpu_kernels.library() is None:
+        pytest.skip("the CPU MoE kernel does not build here (no AVX512-BF16 or no C compiler)")
+
+
 @pytest.mark.parametrize("experts", ["c_kernel", "dense_gemms"])
 def test_packed_bf16_model_tracks_float32_as_the_plain_one_does(tiny_ckpt, experts, monkeypatch):
     """bf16 rounds in another order on the packed path, so it is held to the float32 model:
     no further from it than the plain bf16 model is, and the same greedy tokens. The decode
     experts take the C kernel (gptoss_kernels.cpu_kernels) where it builds, else the dense GEMMs."""
-    if experts == "c_kernel" and cpu_kernels.library() is None:
-        pytest.skip("the CPU MoE kernel does not build here (no AVX512-BF16 or no C compiler)")
-    if experts == "dense_gemms":
-        monkeypatch.setattr(cpu_kernels, "takes", lambda *a: False)
+    _choose_experts_path(experts, monkeypatch)
     exact = load_model(tiny_ckpt, dtype=torch.float32)
     exact.dequantize_experts()
     model = _bf16_plain_experts(tiny_ckpt)
@@ -66,10 +72,7 @@ def test_packed_float32_model_computes_the_same_step(tiny_ckpt, monkeypatch, exp
     small, so the size floor is lowered to pack them all. Float32 experts take the C kernel
     on decode steps where it builds, else the grouped pairs path. The packed step equals the
     plain float32 one (the same sums, in another order)."""
-    if experts == "c_kernel" and cpu_kernels.library() is None:
-        pytest.skip("the CPU MoE kernel does not build here (no AVX512-BF16 or no C compiler)")
-    if experts == "grouped_pairs":
-        monkeypatch.setattr(cpu_kernels, "takes", lambda *a: False)
+    _choose_experts_path(experts, monkeypatch)
     exact = load_model(tiny_ckpt, dtype=torch.float32)
     exact.dequantize_experts()
     batch = 8
